@@ -1,0 +1,17 @@
+"""libra-fx: visual-token compression for vision-language models, as TorchDynamo graph passes."""
+
+from libra_fx.dynamo_backend import CompileRecord, LibraBackend, LibraFallbackWarning, backend
+from libra_fx.config import CompressionConfig
+from libra_fx.methods import METHODS
+from libra_fx.passes import UnsupportedGraph
+
+__all__ = [
+    "METHODS",
+    "CompileRecord",
+    "CompressionConfig",
+    "LibraBackend",
+    "LibraFallbackWarning",
+    "UnsupportedGraph",
+    "backend",
+]
+__version__ = "0.1.0"

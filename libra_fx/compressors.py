@@ -1,0 +1,85 @@
+"""Compressors: what happens to the tokens of a span given its targets (SPEC §4, §6).
+
+Batched over spans: ``hidden`` ``[S, N, D]`` (float32), ``alpha`` ``[S, N]``, ``targets`` ``[S, Nt]``
+ascending ranks. Each returns the span's replacement ``[S, Nt (+1), D]``: the merged targets in
+interval order, then (for IGM) the compensation token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from libra_fx.selectors import cosine_matrix, one_hot_targets
+
+
+def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return x.gather(1, idx[..., None].expand(*idx.shape, x.shape[-1]))
+
+
+def assign_groups(hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's most similar target ``g(j)`` (first on ties) and that similarity ``s(j)``.
+
+    A target always belongs to its own group. Returns ``(group [S, N], similarity [S, N])``.
+    """
+    sim = cosine_matrix(_gather_rows(hidden, targets), hidden)  # [S, Nt, N]
+    best, group = sim.max(dim=1)
+    own = torch.arange(targets.shape[1], device=targets.device).expand_as(targets)
+    group = group.scatter(1, targets, own)
+    return group, best
+
+
+def _weighted_sum(hidden: torch.Tensor, logits: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
+    """``Σ_j softmax_j(logits over members) · H[j]`` for a member mask ``[S, G, N]``."""
+    weights = torch.softmax(logits[:, None, :].masked_fill(~member, float("-inf")), dim=-1)
+    return weights @ hidden
+
+
+def prune(hidden: torch.Tensor, alpha: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """FastV: keep the targets, drop the rest."""
+    return _gather_rows(hidden, targets)
+
+
+def average(hidden: torch.Tensor, alpha: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Turbo-style merge: every token joins its most similar target; ``m_i`` is the group mean."""
+    group, _ = assign_groups(hidden, targets)
+    member = group[:, None, :] == torch.arange(targets.shape[1], device=group.device)[None, :, None]
+    return (member.to(hidden.dtype) @ hidden) / member.sum(-1, keepdim=True).to(hidden.dtype)
+
+
+def igm(
+    hidden: torch.Tensor,
+    alpha: torch.Tensor,
+    targets: torch.Tensor,
+    tau: float = 0.7,
+    eta: float | str = "mean",
+    compensation: bool = True,
+    merge_positives: bool = True,
+) -> torch.Tensor:
+    """Importance-informed grouped merging (SPEC §4).
+
+    Positives ``P = {s(j) > τ} ∪ targets`` merge into their group's target with weights
+    ``softmax(α/η)`` over the group; the negatives ``Q`` fold into one compensation token.
+    ``merge_positives=False`` makes every non-target negative (ablation ``igm_neg``);
+    ``compensation=False`` drops the compensation token (ablation ``igm_pos``, with ``τ = −∞``).
+    """
+    nt = targets.shape[1]
+    group, best = assign_groups(hidden, targets)
+    is_target = one_hot_targets(targets, hidden.shape[1])
+    positive = is_target | (best > tau) if merge_positives else is_target
+    scale = alpha.mean(-1, keepdim=True) if eta == "mean" else torch.full_like(alpha[:, :1], float(eta))
+    logits = alpha / scale
+
+    in_group = group[:, None, :] == torch.arange(nt, device=group.device)[None, :, None]
+    merged = _weighted_sum(hidden, logits, in_group & positive[:, None, :])
+    if not compensation:
+        return merged
+
+    negative = ~positive
+    non_target = ~is_target
+    members = torch.where(
+        negative.any(-1, keepdim=True),
+        negative,
+        torch.where(non_target.any(-1, keepdim=True), non_target, torch.ones_like(non_target)),
+    )
+    comp = _weighted_sum(hidden, logits, members[:, None, :])
+    return torch.cat([merged, comp], dim=1)

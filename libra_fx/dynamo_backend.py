@@ -1,0 +1,112 @@
+"""The TorchDynamo backend: run the passes on each captured graph, then hand it to Inductor.
+
+::
+
+    model.forward = torch.compile(model.forward, backend=libra_fx.backend(ratio=0.5))
+    model.forward = torch.compile(model.forward, backend="libra")          # the defaults
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from libra_fx import fx_utils
+from libra_fx.config import CompressionConfig
+from libra_fx.passes import NothingToCompress, PassResult, RewriteContext, UnsupportedGraph, run_pipeline
+
+COMPILERS = ("inductor", "eager")
+
+
+class LibraFallbackWarning(UserWarning):
+    """A graph was compiled uncompressed because the passes could not rewrite it."""
+
+
+@dataclass
+class CompileRecord:
+    """What happened to one captured graph."""
+
+    compressed: bool
+    reason: str
+    passes: list[PassResult] = field(default_factory=list)
+    before: fx.GraphModule | None = None  # the graph as Dynamo captured it
+    after: fx.GraphModule | None = None  # the graph handed to the compiler
+
+    def __str__(self) -> str:
+        head = "compressed" if self.compressed else f"uncompressed: {self.reason}"
+        return "\n".join([head] + [str(p) for p in self.passes])
+
+
+class LibraBackend:
+    """A ``torch.compile`` backend that compresses visual tokens inside the captured graph.
+
+    ``records`` holds a :class:`CompileRecord` per graph of the most recent compile (a forward
+    with graph breaks has several); ``last`` is the latest one.
+    ``compiler="eager"`` runs the rewritten FX graph without Inductor (for debugging).
+    """
+
+    def __init__(self, ratio=0.5, layers=(7, 15, 23), method="libra", tau=0.7, eta="mean",
+                 strict=False, *, compiler="inductor"):
+        self.config = CompressionConfig(ratio=ratio, layers=tuple(layers) if not isinstance(layers, int) else layers,
+                                        method=method, tau=tau, eta=eta)
+        if compiler not in COMPILERS:
+            raise ValueError(f"compiler must be one of {COMPILERS}, got {compiler!r}")
+        self.strict = strict
+        self.compiler = compiler
+        self.records: list[CompileRecord] = []
+        self.__name__ = "libra"
+
+    @property
+    def last(self) -> CompileRecord | None:
+        return self.records[-1] if self.records else None
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"libra_fx.backend(ratio={c.ratio}, layers={c.layers}, method={c.method!r}, "
+                f"tau={c.tau}, eta={c.eta!r}, strict={self.strict})")
+
+    def __call__(self, gm: fx.GraphModule, example_inputs):
+        record = self.rewrite(gm)
+        self.records = [r for r in self.records if r.before is not None][-7:] + [record]
+        return self._compile(record.after if record.compressed else gm, example_inputs)
+
+    def rewrite(self, gm: fx.GraphModule) -> CompileRecord:
+        """Run the pass pipeline on a copy of ``gm``; ``gm`` itself is left as it was."""
+        if not self.config.active:
+            return CompileRecord(False, "ratio=0 or layers=(): nothing to do")
+        ctx = RewriteContext(fx_utils.clone(gm), self.config)
+        try:
+            passes = run_pipeline(ctx)
+        except NothingToCompress as e:
+            return CompileRecord(False, str(e), before=gm)
+        except UnsupportedGraph as e:
+            message = f"libra_fx: compiling this graph uncompressed: {e}"
+            if self.strict:
+                raise UnsupportedGraph(message) from e
+            warnings.warn(message, LibraFallbackWarning, stacklevel=2)
+            return CompileRecord(False, str(e), before=gm)
+        return CompileRecord(True, "", passes, before=gm, after=ctx.gm)
+
+    def _compile(self, gm: fx.GraphModule, example_inputs):
+        if self.compiler == "eager":
+            return gm.forward
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(fx_utils.clone(gm), example_inputs)  # Inductor mutates what it is given
+
+
+def backend(ratio=0.5, layers=(7, 15, 23), method="libra", tau=0.7, eta="mean", strict=False, *,
+            compiler="inductor") -> LibraBackend:
+    """Build a backend for ``torch.compile``; arguments are validated here (``ValueError``)."""
+    return LibraBackend(ratio, layers, method, tau, eta, strict, compiler=compiler)
+
+
+def libra_backend(gm: fx.GraphModule, example_inputs):
+    """The named backend ``"libra"``: the defaults of :func:`backend`."""
+    return LibraBackend()(gm, example_inputs)
+
+
+torch._dynamo.register_backend(libra_backend, name="libra")

@@ -1,0 +1,61 @@
+"""The compression methods of SPEC §6: each is a selector plus a compressor.
+
+``PruMerge`` acts on the vision tower instead and is not listed here.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from libra_fx import compressors, selectors
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    selector: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]  # (alpha, hidden, nt) -> targets
+    compressor: Callable[..., torch.Tensor]  # (hidden, alpha, targets, tau=, eta=) -> tokens
+    compensation: bool  # whether each stage appends a compensation token per span
+    summary: str
+
+
+def _by_alpha(select):
+    return lambda alpha, hidden, nt: select(alpha, nt)
+
+
+def _ignoring_tau_eta(compress):
+    return lambda hidden, alpha, targets, tau, eta: compress(hidden, alpha, targets)
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("libra", _by_alpha(selectors.pti), compressors.igm, True,
+               "PTI targets + importance-informed grouped merging + compensation token"),
+        Method("fastv", _by_alpha(selectors.top_alpha), _ignoring_tau_eta(compressors.prune), False,
+               "top-Nt by importance, the rest pruned"),
+        Method("turbo", selectors.turbo, _ignoring_tau_eta(compressors.average), False,
+               "top-Nt by informativity (importance − redundancy), average merge"),
+        Method("merge", _by_alpha(selectors.top_alpha), _ignoring_tau_eta(compressors.average), False,
+               "ablation: top-Nt by importance, average merge"),
+        Method("pti", _by_alpha(selectors.pti), _ignoring_tau_eta(compressors.average), False,
+               "ablation: PTI targets, average merge"),
+        Method("igm_pos", _by_alpha(selectors.pti),
+               lambda hidden, alpha, targets, tau, eta: compressors.igm(
+                   hidden, alpha, targets, float("-inf"), eta, compensation=False), False,
+               "ablation: PTI + IGM with every non-target positive, no compensation token"),
+        Method("igm_neg", _by_alpha(selectors.pti),
+               functools.partial(compressors.igm, merge_positives=False), True,
+               "ablation: PTI + IGM with every non-target negative (one compensation token)"),
+    )
+}
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")
+    return METHODS[name]

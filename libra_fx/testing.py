@@ -1,0 +1,125 @@
+"""Tiny random-weight LLaVA models and inputs, built from configs (no hub access).
+
+Used by the tests, the examples and the benchmarks::
+
+    model = tiny_llava(num_layers=4, attn="sdpa")
+    inputs = tiny_llava_inputs(model, batch=2)
+    logits = model(**inputs).logits
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+IMAGE_TOKEN_ID = 100
+PAD_TOKEN_ID = 0
+
+
+def tiny_llava_config(
+    num_layers: int = 4,
+    hidden_size: int = 64,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 128,
+    image_size: int = 48,
+    patch_size: int = 8,
+    vocab_size: int = 128,
+    attn: str = "sdpa",
+) -> LlavaConfig:
+    """A LLaVA config with a 2-layer CLIP tower and a Llama language model.
+
+    The tower yields ``(image_size // patch_size) ** 2`` visual tokens per image (36 by default).
+    ``num_kv_heads < num_heads`` gives grouped-query attention.
+    """
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=32,
+    )
+    text = LlamaConfig(
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        vocab_size=vocab_size,
+        max_position_embeddings=1024,
+        pad_token_id=PAD_TOKEN_ID,
+    )
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=IMAGE_TOKEN_ID,
+        pad_token_id=PAD_TOKEN_ID,
+        attn_implementation=attn,
+    )
+
+
+def num_visual_tokens(model: LlavaForConditionalGeneration) -> int:
+    """Visual tokens per image that the model's tower produces (CLS dropped)."""
+    vision = model.config.vision_config
+    return (vision.image_size // vision.patch_size) ** 2
+
+
+def tiny_llava(seed: int = 0, dtype: torch.dtype = torch.float32, **config_kwargs) -> LlavaForConditionalGeneration:
+    """A random-weight tiny LLaVA in eval mode, already run once eagerly.
+
+    The eager run installs transformers' output-capturing hooks; without it the first
+    ``fullgraph`` trace of a never-run model fails on a lock in ``output_capturing.py``.
+    """
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(tiny_llava_config(**config_kwargs)).eval().to(dtype)
+    with torch.no_grad():
+        model(**tiny_llava_inputs(model))
+    return model
+
+
+def tiny_llava_inputs(
+    model: LlavaForConditionalGeneration,
+    batch: int = 1,
+    prefix: int = 5,
+    suffix: int = 7,
+    pad: tuple[int, ...] = (),
+    with_image: bool = True,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """A batch of prompts ``[pad] prefix-text [image tokens] suffix-text``.
+
+    ``pad[b]`` left-pads sample ``b`` (its ``attention_mask`` is 0 there); an ``attention_mask``
+    is returned only when some sample is padded.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    vocab = model.config.text_config.vocab_size
+    n_img = num_visual_tokens(model) if with_image else 0
+    pad = tuple(pad) + (0,) * (batch - len(pad))
+    width = max(pad)
+
+    def text(n):
+        ids = torch.randint(1, vocab, (n,), generator=gen)
+        return torch.where(ids == IMAGE_TOKEN_ID, ids + 1, ids)
+
+    rows = [
+        torch.cat([
+            torch.full((p,), PAD_TOKEN_ID),
+            text(prefix + width - p),
+            torch.full((n_img,), IMAGE_TOKEN_ID),
+            text(suffix),
+        ])
+        for p in pad
+    ]
+    ids = torch.stack(rows)
+    inputs: dict[str, torch.Tensor] = {"input_ids": ids}
+    if width:
+        inputs["attention_mask"] = (torch.arange(ids.shape[1]) >= torch.tensor(pad)[:, None]).long()
+    if with_image:
+        vision = model.config.vision_config
+        dtype = next(model.parameters()).dtype
+        inputs["pixel_values"] = torch.randn(
+            batch, 3, vision.image_size, vision.image_size, generator=gen
+        ).to(dtype)
+    return inputs

@@ -1,0 +1,66 @@
+"""Prove the rewrite is consistent by fake-tensor propagation of the rewritten graph.
+
+Every original node in a stage's region must have its old shape with the sequence length
+``T`` replaced by the stage's new length ``T'`` — and nothing else changed::
+
+    view_9   [2, s27, 4, 16]  →  [2, s27 - 17, 4, 16]   ✓
+    view_9   [1, 64, 2, 64]   →  [1, 40, 4, 40]          ✗ (a literal 64 was not a length)
+
+A failure (an exception, or any other shape) makes the graph unsupported, so a rewrite that would
+silently compute something else is never compiled.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+from libra_fx.fx_utils import is_size_like, value
+from libra_fx.passes import PassResult, RewriteContext, UnsupportedGraph
+
+
+def _fake_inputs(ctx: RewriteContext) -> list:
+    return [value(n) for n in ctx.gm.graph.find_nodes(op="placeholder")]
+
+
+def _expected(old: tuple, seq_len, new_len) -> tuple:
+    return tuple(new_len if is_size_like(s, seq_len) else s for s in old)
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
+        expr = lambda x: x.node.expr if isinstance(x, torch.SymInt) else x  # noqa: E731
+        return bool((expr(a) - expr(b)).simplify() == 0)
+    return a == b
+
+
+def run(ctx: RewriteContext) -> PassResult:
+    result = PassResult("check_shapes")
+    inputs = _fake_inputs(ctx)
+    mode = next(x.fake_mode for x in inputs if isinstance(x, FakeTensor))
+    try:
+        FakeTensorProp(ctx.gm, mode).propagate_dont_convert_inputs(*inputs)
+    except Exception as e:  # noqa: BLE001  (any failure means the rewrite is not understood)
+        raise UnsupportedGraph(f"the rewritten graph does not trace: {type(e).__name__}: {e}") from e
+
+    owner = {}
+    for stage in ctx.stages:  # later stages' regions are inside earlier ones: the last one wins
+        owner.update(dict.fromkeys(stage.region, stage))
+    checked = 0
+    for node, old in ctx.original_shapes.items():
+        stage = owner.get(node)
+        new = getattr(value(node), "shape", None)
+        if stage is None or new is None:
+            continue
+        want = _expected(old, ctx.seq_len, value(stage.new_len))
+        if len(want) != len(new) or not all(_same(a, b) for a, b in zip(want, new)):
+            raise UnsupportedGraph(
+                f"after the rewrite {node.name} has shape {list(new)}, expected {list(want)}: the sequence "
+                "length could not be told apart from another dimension (use torch._dynamo.mark_dynamic "
+                "on the sequence dimension)"
+            )
+        checked += 1
+    lengths = ", ".join(f"layer {s.layer}: {value(s.new_len)}" for s in ctx.stages)
+    result.matched.append(f"{checked} later shapes consistent; lengths after stages: {lengths}")
+    return result

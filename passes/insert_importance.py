@@ -1,0 +1,82 @@
+"""Insert the importance row (SPEC §2) beside each stage layer's attention.
+
+The layer keeps its own kernel; one ``1×T`` row is computed from the same query, key, mask and
+scale (SDPA shown; eager ``softmax(q @ kᵀ · s + m)`` is matched the same way)::
+
+    attn = scaled_dot_product_attention(q_embed, key, value, attn_mask=mask, scale=0.25)
+  + importance = last_row_importance(q_embed, key, mask, 0.25)          # [B, T] float32
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from libra_fx.fx_utils import call
+from libra_fx.importance import last_row_importance
+from libra_fx.passes import PassResult, RewriteContext, UnsupportedGraph
+
+SDPA = {torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention}
+SOFTMAX = {F.softmax, torch.softmax, "softmax"}
+MATMUL = {torch.matmul, operator.matmul, "matmul"}
+
+
+@dataclass
+class AttentionSite:
+    node: fx.Node
+    query: fx.Node
+    key: fx.Node
+    mask: fx.Node | None
+    scale: float | None
+    kind: str  # "sdpa" or "eager"
+
+
+def _sdpa_site(node: fx.Node) -> AttentionSite:
+    args = list(node.args) + [None] * 4
+    mask = node.kwargs.get("attn_mask", args[3])
+    return AttentionSite(node, args[0], args[1], mask, node.kwargs.get("scale"), "sdpa")
+
+
+def _eager_site(softmax: fx.Node) -> AttentionSite | None:
+    """Match ``softmax((q @ k.transpose(2, 3)) * scale [+ mask])``."""
+    x = softmax.args[0]
+    mask = None
+    if x.target in (operator.add, torch.add, "add"):
+        x, mask = x.args
+    if x.target not in (operator.mul, torch.mul, "mul") or not isinstance(x.args[1], (int, float)):
+        return None
+    scores, scale = x.args
+    if scores.target not in MATMUL:
+        return None
+    query, key_t = scores.args
+    if not (isinstance(key_t, fx.Node) and key_t.target in ("transpose", torch.transpose)):
+        return None
+    return AttentionSite(softmax, query, key_t.args[0], mask, float(scale), "eager")
+
+
+def find_attention(layer: int, nodes: list[fx.Node]) -> AttentionSite:
+    sites = [_sdpa_site(n) for n in nodes if n.target in SDPA]
+    sites += [s for n in nodes if n.target in SOFTMAX for s in [_eager_site(n)] if s is not None]
+    if len(sites) != 1:
+        raise UnsupportedGraph(
+            f"decoder layer {layer}: expected one attention call (SDPA or eager softmax(q·kᵀ)), "
+            f"found {len(sites)}"
+        )
+    return sites[0]
+
+
+def run(ctx: RewriteContext) -> PassResult:
+    result = PassResult("insert_importance")
+    graph = ctx.gm.graph
+    for stage in ctx.stages:
+        site = find_attention(stage.layer, stage.layer_nodes)
+        stage.attention = site
+        with graph.inserting_after(site.node):
+            stage.importance = call(graph, last_row_importance, site.query, site.key, site.mask, site.scale)
+        mask = site.mask.name if site.mask is not None else "causal"
+        result.matched.append(f"layer {stage.layer}: {site.kind} attention {site.node.name} (mask {mask})")
+    return result

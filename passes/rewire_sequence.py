@@ -1,0 +1,126 @@
+"""Point everything after a stage at the shorter sequence (SPEC §5).
+
+Every node downstream of the stage layer's output is the stage's *region*. Its inputs from
+outside the region are rewired by what they are::
+
+    hidden states of layer L   → compressed hidden states
+    sequence length T          → sym_size(hidden', 1)      (SymInt, or literal ints when static)
+    [.., T, ..] per-token data → gather_tokens(x, source, dim)   (RoPE cos/sin, position ids)
+    [.., T, T] attention mask  → gather_mask(mask, source)      (causal in the new order)
+    parameters, buffers, anything without T → unchanged
+
+    view_9 = linear_21.view((2, s27, -1, 16))        cos_4 = cos_2.unsqueeze(1)
+  → view_9 = linear_21.view((2, length, -1, 16))   → cos_4 = gather_tokens(cos_2, source, 1).unsqueeze(1)
+
+An input it cannot classify makes the graph unsupported. Because the regions of later stages
+lie inside earlier ones, a later stage re-gathers what an earlier one produced.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.fx as fx
+from torch.fx.node import map_aggregate
+
+from libra_fx.fx_utils import call, descendants, is_size_like, value
+from libra_fx.layout import gather_mask, gather_tokens
+from libra_fx.passes import PassResult, RewriteContext, Stage, UnsupportedGraph
+
+LENGTH, MASK, KEEP = "length", "mask", "keep"
+WEIGHTS = re.compile(r"_(parameters|buffers)_")
+
+
+def _mentions(x, symbols) -> bool:
+    return isinstance(x, torch.SymInt) and bool(x.node.expr.free_symbols & symbols)
+
+
+def classify(ctx: RewriteContext, node: fx.Node):
+    """``LENGTH``, ``MASK``, ``("tokens", dim)`` or ``KEEP`` for an input from outside a region."""
+    if node in ctx.derived:
+        return ctx.derived[node]
+    if node.meta.get("libra_fx_inserted"):
+        return KEEP
+    v = value(node)
+    seq = ctx.seq_len
+    symbols = seq.node.expr.free_symbols if isinstance(seq, torch.SymInt) else set()
+    if isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool):
+        if is_size_like(v, seq):
+            return LENGTH
+        if _mentions(v, symbols):
+            raise UnsupportedGraph(f"{node.name} = {v} depends on the sequence length in a way the pass cannot rewrite")
+        return KEEP
+    if not isinstance(v, torch.Tensor):
+        return KEEP
+    if node.op in ("placeholder", "get_attr") and WEIGHTS.search(str(node.target)):
+        return KEEP
+    shape = list(v.shape)
+    seq_dims = [i for i, s in enumerate(shape) if is_size_like(s, seq)]
+    if any(_mentions(s, symbols) for i, s in enumerate(shape) if i not in seq_dims):
+        raise UnsupportedGraph(f"{node.name} has shape {shape}, derived from the sequence length")
+    if not seq_dims:
+        return KEEP
+    batch_ok = len(shape) >= 2 and (shape[0] == 1 or is_size_like(shape[0], ctx.batch) or shape[0] == ctx.batch)
+    if batch_ok and seq_dims == [len(shape) - 2, len(shape) - 1] and len(shape) == 4:
+        return MASK
+    if batch_ok and len(seq_dims) == 1 and seq_dims[0] >= 1:
+        return ("tokens", seq_dims[0])
+    raise UnsupportedGraph(f"{node.name} of shape {shape} is per-token data the pass cannot re-index")
+
+
+def _replacement(ctx: RewriteContext, stage: Stage, node: fx.Node, kind, made: dict, user: fx.Node) -> fx.Node:
+    if node is stage.layer_output:
+        return stage.hidden
+    if kind == LENGTH:
+        return stage.new_len
+    if node not in made:
+        graph = ctx.gm.graph
+        with graph.inserting_before(user):  # ``node`` may be defined after the stage (e.g. in layer L+1)
+            if kind == MASK:
+                made[node] = call(graph, gather_mask, node, stage.source)
+            else:
+                made[node] = call(graph, gather_tokens, node, stage.source, kind[1])
+        made[node].meta["libra_fx_inserted"] = True
+        ctx.derived[made[node]] = kind
+    return made[node]
+
+
+def _replace_literal_length(arg, seq_len: int, new_len: fx.Node):
+    def swap(x):
+        return new_len if isinstance(x, int) and not isinstance(x, bool) and x == seq_len else x
+
+    return map_aggregate(arg, swap)
+
+
+def rewire(ctx: RewriteContext, stage: Stage, first: bool) -> list[str]:
+    own = {stage.hidden, stage.span, stage.source, stage.new_len, stage.hidden.args[0]}
+    for n in own:
+        n.meta["libra_fx_inserted"] = True
+    ctx.derived[stage.new_len] = LENGTH
+    stage.region = descendants(stage.layer_output) - own
+    made: dict[fx.Node, fx.Node] = {}
+    literal = first and isinstance(ctx.seq_len, int)
+    for node in [n for n in ctx.gm.graph.nodes if n in stage.region and n.op != "output"]:
+        for arg in node.all_input_nodes:
+            if arg in stage.region:
+                continue
+            kind = KEEP if arg is not stage.layer_output else "hidden"
+            if arg is not stage.layer_output:
+                kind = classify(ctx, arg)
+            if kind != KEEP:
+                node.replace_input_with(arg, _replacement(ctx, stage, arg, kind, made, node))
+        if literal:
+            node.args = _replace_literal_length(node.args, ctx.seq_len, stage.new_len)
+            node.kwargs = _replace_literal_length(node.kwargs, ctx.seq_len, stage.new_len)
+    return [f"{src.name} → {dst.name}" for src, dst in made.items()]
+
+
+def run(ctx: RewriteContext) -> PassResult:
+    result = PassResult("rewire_sequence")
+    for i, stage in enumerate(ctx.stages):
+        gathered = rewire(ctx, stage, first=i == 0)
+        result.matched.append(
+            f"layer {stage.layer}: {len(stage.region)} later nodes; re-indexed: {', '.join(gathered) or 'none'}"
+        )
+    return result

@@ -1,0 +1,437 @@
+"""Independent, slow, eager reference ("oracle") for the token-compression contract.
+
+Written straight from ``SPEC.md`` (sections 1-6) without importing anything from ``libra_fx``
+(other than ``libra_fx.testing`` in the tests). It drives a ``LlavaForConditionalGeneration``
+by hand: it embeds the tokens, scatters the image features, and calls every decoder layer itself
+with explicit position ids, explicit RoPE cos/sin and an explicit 4-D additive attention mask.
+After each compression layer it computes the importance alpha from that layer's own modules and
+rewrites the sequence with plain Python loops over samples, spans and targets.
+
+Public entry point: :func:`oracle_logits`.
+
+Decisions taken where SPEC leaves room (see also the report / README):
+
+* ``Nt = clamp(floor(N * (1 - R) + 0.5), 1, N)`` (round half *up*, not Python's banker's round).
+* Top-k selectors (``fastv``, ``turbo``, ``merge``) break ties towards the lower span rank.
+* Position ids of the uncompressed input mirror transformers' ``LlamaModel``: ``arange(T)`` for
+  every sample, padding or not (the installed ``LlamaModel.forward`` does exactly that when
+  ``position_ids`` is None, and ``LlavaModel`` does not compute any).
+* The query of alpha is the last token whose ``attention_mask`` is 1 (last position under left
+  padding). q and k are cast to float32 before ``q . k``; the softmax is in float32.
+* ``turbo`` with a single-token span: ``r_j`` (a max over an empty set) is taken as 0; it does not
+  matter since then ``Nt = N = 1``.
+* Every sample of a batch must end up with the same compressed length (true whenever every
+  sample has spans of the same lengths, as ``tiny_llava_inputs`` builds); otherwise ValueError.
+* ``layers`` must be strictly increasing and inside ``[0, num_layers)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+METHODS = ("libra", "fastv", "turbo", "merge", "pti", "igm_pos", "igm_neg")
+
+# method -> (selector, compressor)
+_RECIPES = {
+    "libra": ("pti", "igm"),
+    "fastv": ("topk_alpha", "prune"),
+    "turbo": ("topk_informativity", "average"),
+    "merge": ("topk_alpha", "average"),
+    "pti": ("pti", "average"),
+    "igm_pos": ("pti", "igm_pos"),
+    "igm_neg": ("pti", "igm_neg"),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Small token maths (plain Python over float32 values)
+# --------------------------------------------------------------------------------------------
+
+
+def num_targets(n: int, ratio: float) -> int:
+    """``Nt = clamp(round_half_up(N * (1 - R)), 1, N)``."""
+    nt = int(math.floor(n * (1.0 - ratio) + 0.5))
+    return max(1, min(n, nt))
+
+
+def cosine(x: torch.Tensor, y: torch.Tensor) -> float:
+    """``x.y / max(|x| |y|, 1e-8)`` in float32."""
+    x = x.float()
+    y = y.float()
+    num = torch.dot(x, y)
+    den = torch.clamp(torch.linalg.vector_norm(x) * torch.linalg.vector_norm(y), min=1e-8)
+    return float(num / den)
+
+
+def _argmax_first(values: list[float]) -> int:
+    """Index of the largest value; the first one on ties."""
+    best = 0
+    for i in range(1, len(values)):
+        if values[i] > values[best]:
+            best = i
+    return best
+
+
+def _top_k_in_order(scores: list[float], k: int) -> list[int]:
+    """The k highest scores (lower index wins ties), returned in increasing index order."""
+    order = sorted(range(len(scores)), key=lambda j: (-scores[j], j))
+    return sorted(order[:k])
+
+
+def select_pti(alpha: list[float], nt: int) -> list[int]:
+    """SPEC §3: one target per interval, the interval's argmax of alpha (first on ties)."""
+    n = len(alpha)
+    targets = []
+    for i in range(nt):
+        lo = (i * n) // nt
+        hi = ((i + 1) * n) // nt  # exclusive
+        best = lo
+        for j in range(lo, hi):
+            if alpha[j] > alpha[best]:
+                best = j
+        targets.append(best)
+    return targets
+
+
+def select_topk_alpha(alpha: list[float], nt: int) -> list[int]:
+    return _top_k_in_order(alpha, nt)
+
+
+def select_topk_informativity(alpha: list[float], H: torch.Tensor, nt: int, lam: float = 1.0) -> list[int]:
+    """turbo: ``I_j = alpha_j / mean(alpha) - lam * max_{k != j} cos(H_j, H_k)``."""
+    n = len(alpha)
+    mean_alpha = float(torch.tensor(alpha, dtype=torch.float32).mean())
+    scores = []
+    for j in range(n):
+        r = None
+        for k in range(n):
+            if k == j:
+                continue
+            c = cosine(H[j], H[k])
+            if r is None or c > r:
+                r = c
+        if r is None:
+            r = 0.0
+        scores.append(alpha[j] / mean_alpha - lam * r)
+    return _top_k_in_order(scores, nt)
+
+
+def _weighted(alpha: list[float], H: torch.Tensor, members: list[int], eta: float) -> torch.Tensor:
+    """``sum_j softmax(alpha_j / eta) H[j]`` over ``members`` (float32)."""
+    logits = torch.tensor([alpha[j] / eta for j in members], dtype=torch.float32)
+    w = torch.softmax(logits, dim=0)
+    out = torch.zeros(H.shape[-1], dtype=torch.float32)
+    for wj, j in zip(w, members):
+        out = out + wj * H[j].float()
+    return out
+
+
+def compress_igm(
+    alpha: list[float],
+    H: torch.Tensor,
+    targets: list[int],
+    tau: float,
+    eta: float,
+    make_compensation: bool = True,
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """SPEC §4. Returns ([m_0 .. m_{Nt-1}], c or None), all float32."""
+    n = len(alpha)
+    nt = len(targets)
+    is_target = {t: i for i, t in enumerate(targets)}
+    group = [0] * n
+    best_sim = [0.0] * n
+    for j in range(n):
+        sims = [cosine(H[targets[i]], H[j]) for i in range(nt)]
+        g = _argmax_first(sims)
+        group[j] = g
+        best_sim[j] = sims[g]
+        if j in is_target:
+            group[j] = is_target[j]
+    positive = [j for j in range(n) if j in is_target or best_sim[j] > tau]
+    negative = [j for j in range(n) if not (j in is_target or best_sim[j] > tau)]
+
+    merged = []
+    for i in range(nt):
+        members = [j for j in positive if group[j] == i]
+        merged.append(_weighted(alpha, H, members, eta))
+
+    comp = None
+    if make_compensation:
+        pool = negative
+        if not pool:
+            pool = [j for j in range(n) if j not in is_target]
+        if not pool:
+            pool = list(range(n))
+        comp = _weighted(alpha, H, pool, eta)
+    return merged, comp
+
+
+def compress_average(H: torch.Tensor, targets: list[int]) -> list[torch.Tensor]:
+    """Each non-target joins its most similar target (first on ties); plain mean per group."""
+    n = H.shape[0]
+    nt = len(targets)
+    groups = [[t] for t in targets]
+    for j in range(n):
+        if j in targets:
+            continue
+        sims = [cosine(H[targets[i]], H[j]) for i in range(nt)]
+        groups[_argmax_first(sims)].append(j)
+    merged = []
+    for members in groups:
+        acc = torch.zeros(H.shape[-1], dtype=torch.float32)
+        for j in members:
+            acc = acc + H[j].float()
+        merged.append(acc / len(members))
+    return merged
+
+
+def compress_span(
+    method: str, alpha: list[float], H: torch.Tensor, ratio: float, tau: float, eta
+) -> tuple[list[int], list[torch.Tensor], torch.Tensor | None]:
+    """One span, one stage. Returns (targets, merged float32 rows, compensation row or None)."""
+    selector, compressor = _RECIPES[method]
+    n = len(alpha)
+    nt = num_targets(n, ratio)
+    H = H.float()
+    if selector == "pti":
+        targets = select_pti(alpha, nt)
+    elif selector == "topk_alpha":
+        targets = select_topk_alpha(alpha, nt)
+    else:
+        targets = select_topk_informativity(alpha, H, nt)
+
+    if isinstance(eta, str):
+        if eta != "mean":
+            raise ValueError(f"eta must be 'mean' or a float, got {eta!r}")
+        eta_value = float(torch.tensor(alpha, dtype=torch.float32).mean())
+    else:
+        eta_value = float(eta)
+
+    if compressor == "igm":
+        merged, comp = compress_igm(alpha, H, targets, tau, eta_value, True)
+    elif compressor == "igm_pos":
+        merged, comp = compress_igm(alpha, H, targets, -math.inf, eta_value, False)
+    elif compressor == "igm_neg":
+        merged, comp = compress_igm(alpha, H, targets, math.inf, eta_value, True)
+    elif compressor == "average":
+        merged, comp = compress_average(H, targets), None
+    else:  # prune
+        merged, comp = [H[t].clone() for t in targets], None
+    return targets, merged, comp
+
+
+# --------------------------------------------------------------------------------------------
+# Model driving
+# --------------------------------------------------------------------------------------------
+
+
+class _Tok:
+    """One token of the current sequence of one sample."""
+
+    __slots__ = ("kind", "pos", "valid", "span", "span_last_pos")
+
+    def __init__(self, kind, pos, valid, span=None, span_last_pos=None):
+        self.kind = kind  # "text", "vis" (a span token or merged target) or "comp"
+        self.pos = pos  # position id (int)
+        self.valid = valid  # attention_mask value (bool)
+        self.span = span  # span index within the sample (vis / comp)
+        self.span_last_pos = span_last_pos  # original position of the span's last input token
+
+
+def _build_mask(toks: list[list[_Tok]], dtype: torch.dtype) -> torch.Tensor:
+    """[B, 1, T, T] additive mask: 0 where key j <= query i and key j is not padding."""
+    B = len(toks)
+    T = len(toks[0])
+    neg = torch.finfo(dtype).min
+    mask = torch.full((B, 1, T, T), neg, dtype=dtype)
+    for b in range(B):
+        for i in range(T):
+            for j in range(i + 1):
+                if toks[b][j].valid:
+                    mask[b, 0, i, j] = 0.0
+    return mask
+
+
+def _position_ids(toks: list[list[_Tok]]) -> torch.Tensor:
+    return torch.tensor([[t.pos for t in row] for row in toks], dtype=torch.long)
+
+
+def _importance(layer, h_in: torch.Tensor, mask: torch.Tensor, cos, sin, toks) -> list[list[float]]:
+    """SPEC §2: last-query attention row of ``layer``, mean over heads, float32. [B][T]."""
+    attn = layer.self_attn
+    x = layer.input_layernorm(h_in)
+    B, T, _ = x.shape
+    hd = attn.head_dim
+    q = attn.q_proj(x).view(B, T, -1, hd).transpose(1, 2)
+    k = attn.k_proj(x).view(B, T, -1, hd).transpose(1, 2)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    n_heads, n_kv = q.shape[1], k.shape[1]
+    k = k.repeat_interleave(n_heads // n_kv, dim=1)  # GQA: query head h uses kv head h // groups
+    out = []
+    for b in range(B):
+        query = max(i for i in range(T) if toks[b][i].valid)
+        qb = q[b, :, query, :].float()  # [heads, hd]
+        kb = k[b].float()  # [heads, T, hd]
+        scores = torch.einsum("hd,htd->ht", qb, kb) * attn.scaling + mask[b, 0, query].float()[None, :]
+        p = torch.softmax(scores, dim=-1, dtype=torch.float32)
+        out.append(p.mean(dim=0).tolist())
+    return out
+
+
+def _compress_sample(method, row: list[_Tok], alpha: list[float], H: torch.Tensor, ratio, tau, eta):
+    """Rewrite one sample's sequence. Returns (new tokens, new hidden rows [T', D])."""
+    new_toks: list[_Tok] = []
+    new_rows: list[torch.Tensor] = []
+    T = len(row)
+    i = 0
+    while i < T:
+        tok = row[i]
+        if tok.kind != "vis":
+            new_toks.append(tok)
+            new_rows.append(H[i])
+            i += 1
+            continue
+        s = tok.span
+        span_idx = []
+        while i < T and row[i].kind == "vis" and row[i].span == s:
+            span_idx.append(i)
+            i += 1
+        carried = []
+        while i < T and row[i].kind == "comp" and row[i].span == s:
+            carried.append(i)
+            i += 1
+        span_alpha = [alpha[j] for j in span_idx]
+        span_H = torch.stack([H[j] for j in span_idx])
+        targets, merged, comp = compress_span(method, span_alpha, span_H, ratio, tau, eta)
+        for t, m in zip(targets, merged):
+            src = row[span_idx[t]]
+            new_toks.append(_Tok("vis", src.pos, True, s, src.span_last_pos))
+            new_rows.append(m.to(H.dtype))
+        for j in carried:
+            new_toks.append(row[j])
+            new_rows.append(H[j])
+        if comp is not None:
+            new_toks.append(_Tok("comp", tok.span_last_pos, True, s, tok.span_last_pos))
+            new_rows.append(comp.to(H.dtype))
+    return new_toks, torch.stack(new_rows)
+
+
+def _embed(model, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+    embeds = model.get_input_embeddings()(input_ids)
+    image_id = model.config.image_token_id
+    if pixel_values is None or not bool((input_ids == image_id).any()):
+        return embeds
+    out = model.model.get_image_features(pixel_values=pixel_values, return_dict=True)
+    feats = out.pooler_output
+    if isinstance(feats, (list, tuple)):
+        feats = torch.cat(list(feats), dim=0)
+    else:
+        feats = feats.reshape(-1, feats.shape[-1])
+    feats = feats.to(embeds.dtype)
+    embeds = embeds.clone()
+    n = 0
+    B, T = input_ids.shape
+    for b in range(B):
+        for t in range(T):
+            if int(input_ids[b, t]) == image_id:
+                embeds[b, t] = feats[n]
+                n += 1
+    if n != feats.shape[0]:
+        raise ValueError(f"{n} image tokens but {feats.shape[0]} image features")
+    return embeds
+
+
+def _run(model, input_ids, pixel_values=None, attention_mask=None, *, method="libra", ratio=0.5,
+         layers=(1,), tau=0.7, eta="mean", trace=None):
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}")
+    if not 0 <= ratio < 1:
+        raise ValueError("ratio must be in [0, 1)")
+    lm = model.model.language_model
+    decoder_layers = list(lm.layers)
+    layers = tuple(int(x) for x in layers)
+    if any(b <= a for a, b in zip(layers, layers[1:])):
+        raise ValueError("layers must be strictly increasing")
+    if any(x < 0 or x >= len(decoder_layers) for x in layers):
+        raise ValueError("layer index out of range")
+    stages = set(layers) if ratio > 0 else set()
+
+    B, T = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    image_id = model.config.image_token_id
+
+    with torch.no_grad():
+        hidden = _embed(model, input_ids, pixel_values)
+        dtype = hidden.dtype
+
+        # Token records, positions arange(T) as transformers' LlamaModel does.
+        has_image = pixel_values is not None
+        toks: list[list[_Tok]] = []
+        for b in range(B):
+            row = []
+            t = 0
+            span = 0
+            while t < T:
+                if has_image and int(input_ids[b, t]) == image_id:
+                    start = t
+                    while t < T and int(input_ids[b, t]) == image_id:
+                        t += 1
+                    last = t - 1
+                    for u in range(start, t):
+                        row.append(_Tok("vis", u, bool(attention_mask[b, u]), span, last))
+                    span += 1
+                else:
+                    row.append(_Tok("text", t, bool(attention_mask[b, t])))
+                    t += 1
+            toks.append(row)
+
+        counts: list[int] = []
+        for idx, layer in enumerate(decoder_layers):
+            mask = _build_mask(toks, dtype)
+            pos = _position_ids(toks)
+            cos, sin = lm.rotary_emb(hidden, pos)
+            out = layer(
+                hidden,
+                attention_mask=mask,
+                position_ids=pos,
+                position_embeddings=(cos, sin),
+                past_key_values=None,
+                use_cache=False,
+            )
+            h_out = out[0] if isinstance(out, tuple) else out
+            if idx in stages:
+                alpha = _importance(layer, hidden, mask, cos, sin, toks)
+                if trace is not None:
+                    trace.setdefault("alpha", []).append(alpha)
+                new_toks, new_rows = [], []
+                for b in range(B):
+                    nt, nr = _compress_sample(method, toks[b], alpha[b], h_out[b], ratio, tau, eta)
+                    new_toks.append(nt)
+                    new_rows.append(nr)
+                if len({len(r) for r in new_toks}) != 1:
+                    raise ValueError("samples compress to different lengths")
+                toks = new_toks
+                h_out = torch.stack(new_rows)
+                counts.append(sum(1 for t in toks[0] if t.kind in ("vis", "comp")))
+                if trace is not None:
+                    trace.setdefault("positions", []).append([[t.pos for t in row] for row in toks])
+                    trace.setdefault("kinds", []).append([[t.kind for t in row] for row in toks])
+            hidden = h_out
+
+        hidden = lm.norm(hidden)
+        logits = model.lm_head(hidden[:, -1, :]).float()
+    return logits, counts
+
+
+def oracle_logits(model, input_ids, pixel_values=None, attention_mask=None, *,
+                  method="libra", ratio=0.5, layers=(1,), tau=0.7, eta="mean") -> tuple[torch.Tensor, list[int]]:
+    """Returns (last-position logits [B, V] float32, visual-token counts of sample 0 after each stage).
+
+    ``ratio == 0`` or ``layers == ()`` runs the plain model (counts ``[]``).
+    """
+    return _run(model, input_ids, pixel_values, attention_mask, method=method, ratio=ratio,
+                layers=layers, tau=tau, eta=eta)
