@@ -1,0 +1,96 @@
+"""The backend's logits equal the independent eager oracle (tests/oracle.py), SPEC §1–§6."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from libra_fx import METHODS
+from libra_fx.testing import tiny_llava, tiny_llava_inputs
+from oracle import oracle_logits
+
+MODELS = {
+    ("sdpa", "gqa"): dict(attn="sdpa", num_kv_heads=2),
+    ("sdpa", "mha"): dict(attn="sdpa", num_kv_heads=4),
+    ("eager", "gqa"): dict(attn="eager", num_kv_heads=2),
+    ("eager", "mha"): dict(attn="eager", num_kv_heads=4),
+}
+SCHEDULES = {"one stage": (1,), "two stages": (0, 2)}
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {key: tiny_llava(seed=i, **kw) for i, (key, kw) in enumerate(MODELS.items())}
+
+
+def assert_matches_oracle(logits, model, inputs, tol, **cfg):
+    want, counts = oracle_logits(model, **inputs, **cfg)
+    got = logits[:, -1].float()
+    assert torch.isfinite(got).all()
+    assert (got - want).abs().max().item() <= tol, (got - want).abs().max().item()
+    return counts
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75])
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("model_key", list(MODELS), ids="-".join)
+def test_rewritten_graph_matches_oracle(models, run_backend, model_key, method, ratio, schedule):
+    model = models[model_key]
+    inputs = tiny_llava_inputs(model, batch=2, seed=int(ratio * 100))
+    cfg = dict(method=method, ratio=ratio, layers=SCHEDULES[schedule])
+    logits, be = run_backend(model, inputs, compiler="eager", **cfg)
+    assert be.last.compressed, be.last
+    counts = assert_matches_oracle(logits, model, inputs, 1e-5, **cfg)
+    n_text = inputs["input_ids"].shape[1] - 36
+    assert logits.shape[1] == n_text + counts[-1]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_left_padded_batch_matches_oracle(models, run_backend, attn, dynamic):
+    model = models[(attn, "gqa")]
+    inputs = tiny_llava_inputs(model, batch=3, pad=(0, 2, 5))
+    cfg = dict(method="libra", ratio=0.5, layers=(0, 2))
+    logits, be = run_backend(model, inputs, dynamic=dynamic, compiler="eager", **cfg)
+    assert be.last.compressed, be.last
+    assert_matches_oracle(logits, model, inputs, 1e-5, **cfg)
+
+
+@pytest.mark.parametrize("method", ["libra", "fastv", "turbo"])
+def test_symbolic_sequence_length_matches_oracle(models, run_backend, method):
+    model = models[("sdpa", "gqa")]
+    cfg = dict(method=method, ratio=0.5, layers=(1, 2))
+    for prefix in (3, 9):  # two prompt lengths through the same compiled graph
+        inputs = tiny_llava_inputs(model, batch=2, prefix=prefix)
+        logits, be = run_backend(model, inputs, dynamic=True, compiler="eager", **cfg)
+        assert be.last.compressed, be.last
+        assert_matches_oracle(logits, model, inputs, 1e-5, **cfg)
+
+
+@pytest.mark.parametrize(
+    "model_key, method, layers, dynamic",
+    [
+        (("sdpa", "gqa"), "libra", (0, 2), True),
+        (("eager", "mha"), "fastv", (1,), False),
+        (("sdpa", "mha"), "turbo", (1,), False),
+    ],
+    ids=["libra-sdpa-dynamic", "fastv-eager-static", "turbo-sdpa-static"],
+)
+def test_inductor_matches_oracle(models, run_backend, model_key, method, layers, dynamic):
+    model = models[model_key]
+    inputs = tiny_llava_inputs(model, batch=2)
+    cfg = dict(method=method, ratio=0.5, layers=layers)
+    logits, be = run_backend(model, inputs, dynamic=dynamic, **cfg)
+    assert be.last.compressed, be.last
+    assert_matches_oracle(logits, model, inputs, 1e-4, **cfg)
+
+
+def test_bfloat16_matches_oracle(run_backend):
+    model = tiny_llava(dtype=torch.bfloat16)
+    inputs = tiny_llava_inputs(model, batch=2)
+    cfg = dict(method="libra", ratio=0.5, layers=(1,))
+    logits, be = run_backend(model, inputs, compiler="eager", **cfg)
+    assert be.last.compressed, be.last
+    want, _ = oracle_logits(model, **inputs, **cfg)
+    assert torch.allclose(logits[:, -1].float(), want, atol=3e-2, rtol=3e-2)
