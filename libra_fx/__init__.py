@@ -2,7 +2,7 @@
 
 from libra_fx.dynamo_backend import CompileRecord, LibraBackend, LibraFallbackWarning, backend
 from libra_fx.config import CompressionConfig
-from libra_fx.methods import METHODS
+from libra_fx.methods import METHODS, visual_token_counts
 from libra_fx.passes import UnsupportedGraph
 
 __all__ = [
@@ -13,5 +13,6 @@ __all__ = [
     "LibraFallbackWarning",
     "UnsupportedGraph",
     "backend",
+    "visual_token_counts",
 ]
 __version__ = "0.1.0"

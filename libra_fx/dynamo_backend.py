@@ -11,7 +11,6 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 
-import torch
 import torch.fx as fx
 
 from libra_fx import fx_utils
@@ -43,8 +42,8 @@ class CompileRecord:
 class LibraBackend:
     """A ``torch.compile`` backend that compresses visual tokens inside the captured graph.
 
-    ``records`` holds a :class:`CompileRecord` per graph of the most recent compile (a forward
-    with graph breaks has several); ``last`` is the latest one.
+    ``records`` holds a :class:`CompileRecord` per captured graph, newest last (a forward with
+    graph breaks has several; the most recent 32 are kept); ``last`` is the newest.
     ``compiler="eager"`` runs the rewritten FX graph without Inductor (for debugging).
     """
 
@@ -70,7 +69,7 @@ class LibraBackend:
 
     def __call__(self, gm: fx.GraphModule, example_inputs):
         record = self.rewrite(gm)
-        self.records = [r for r in self.records if r.before is not None][-7:] + [record]
+        self.records = self.records[-31:] + [record]
         return self._compile(record.after if record.compressed else gm, example_inputs)
 
     def rewrite(self, gm: fx.GraphModule) -> CompileRecord:
@@ -105,8 +104,8 @@ def backend(ratio=0.5, layers=(7, 15, 23), method="libra", tau=0.7, eta="mean", 
 
 
 def libra_backend(gm: fx.GraphModule, example_inputs):
-    """The named backend ``"libra"``: the defaults of :func:`backend`."""
+    """The named backend ``torch.compile(..., backend="libra")``: the defaults of :func:`backend`.
+
+    Registered through the ``torch_dynamo_backends`` entry point in ``pyproject.toml``.
+    """
     return LibraBackend()(gm, example_inputs)
-
-
-torch._dynamo.register_backend(libra_backend, name="libra")

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
+
+SDPA = {torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention}
+SOFTMAX = {F.softmax, torch.softmax, "softmax"}
+MATMUL = {torch.matmul, operator.matmul, "matmul"}
 
 
 def module_path(node: fx.Node) -> str:
@@ -50,9 +57,14 @@ def descendants(start: fx.Node) -> set[fx.Node]:
     return seen
 
 
+INSERTED = "libra_fx_inserted"
+
+
 def call(graph: fx.Graph, fn, *args, **kwargs) -> fx.Node:
-    """Insert ``fn(*args, **kwargs)`` at the graph's current insertion point."""
-    return graph.call_function(fn, args, kwargs)
+    """Insert ``fn(*args, **kwargs)`` at the graph's current insertion point, marked as ours."""
+    node = graph.call_function(fn, args, kwargs)
+    node.meta[INSERTED] = True
+    return node
 
 
 def is_size_like(x, size) -> bool:

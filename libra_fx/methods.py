@@ -59,3 +59,16 @@ def get_method(name: str) -> Method:
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")
     return METHODS[name]
+
+
+def visual_token_counts(n_visual: int, ratio: float, num_stages: int, method: str = "libra") -> list[int]:
+    """Visual tokens per span after each stage, compensation tokens included.
+
+    ``visual_token_counts(576, 0.5, 3)`` → ``[289, 146, 75]`` (288+1, 144+2, 72+3).
+    """
+    comp = int(get_method(method).compensation)
+    counts, n = [], n_visual
+    for stage in range(1, num_stages + 1):
+        n = selectors.num_targets(n, ratio)
+        counts.append(n + comp * stage)
+    return counts

@@ -7,14 +7,20 @@ All functions are batched over spans: ``alpha`` is ``[S, N]`` (importance of the
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
 
 
 def num_targets(n: int, ratio: float) -> int:
-    """``Nt = clamp(round(N·(1−R)), 1, N)``; ``round`` is half-up (``2.5 → 3``)."""
-    return min(max(math.floor(n * (1.0 - ratio) + 0.5), 1), n)
+    """``Nt = clamp(round(N·(1−R)), 1, N)``; ``round`` is half-up (``2.5 → 3``).
+
+    ``R`` is read as the decimal it prints as, so ``15·(1−0.9)`` is exactly 1.5 (→ 2), not the
+    binary float ``1.4999999999999996``.
+    """
+    kept = n * (1 - Fraction(repr(float(ratio))))
+    return min(max(math.floor(kept + Fraction(1, 2)), 1), n)
 
 
 def pti(alpha: torch.Tensor, nt: int) -> torch.Tensor:

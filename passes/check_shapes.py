@@ -20,6 +20,15 @@ from libra_fx.fx_utils import is_size_like, value
 from libra_fx.passes import PassResult, RewriteContext, UnsupportedGraph
 
 
+def _hint(ctx: RewriteContext) -> str:
+    if not isinstance(ctx.seq_len, int):
+        return ""
+    return (
+        f"; with static shapes the sequence length {ctx.seq_len} is found as a literal and may equal another "
+        "dimension: mark the sequence dimension dynamic (torch._dynamo.mark_dynamic(input_ids, 1))"
+    )
+
+
 def _fake_inputs(ctx: RewriteContext) -> list:
     return [value(n) for n in ctx.gm.graph.find_nodes(op="placeholder")]
 
@@ -42,7 +51,10 @@ def run(ctx: RewriteContext) -> PassResult:
     try:
         FakeTensorProp(ctx.gm, mode).propagate_dont_convert_inputs(*inputs)
     except Exception as e:  # noqa: BLE001  (any failure means the rewrite is not understood)
-        raise UnsupportedGraph(f"the rewritten graph does not trace: {type(e).__name__}: {e}") from e
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UnsupportedGraph(
+            f"the rewritten graph does not trace ({type(e).__name__}: {first_line}){_hint(ctx)}"
+        ) from e
 
     owner = {}
     for stage in ctx.stages:  # later stages' regions are inside earlier ones: the last one wins
@@ -56,9 +68,7 @@ def run(ctx: RewriteContext) -> PassResult:
         want = _expected(old, ctx.seq_len, value(stage.new_len))
         if len(want) != len(new) or not all(_same(a, b) for a, b in zip(want, new)):
             raise UnsupportedGraph(
-                f"after the rewrite {node.name} has shape {list(new)}, expected {list(want)}: the sequence "
-                "length could not be told apart from another dimension (use torch._dynamo.mark_dynamic "
-                "on the sequence dimension)"
+                f"after the rewrite {node.name} has shape {list(new)}, expected {list(want)}{_hint(ctx)}"
             )
         checked += 1
     lengths = ", ".join(f"layer {s.layer}: {value(s.new_len)}" for s in ctx.stages)

@@ -14,15 +14,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
-from libra_fx.fx_utils import call
+from libra_fx.fx_utils import MATMUL, SDPA, SOFTMAX, call
 from libra_fx.importance import last_row_importance
 from libra_fx.passes import PassResult, RewriteContext, UnsupportedGraph
 
-SDPA = {torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention}
-SOFTMAX = {F.softmax, torch.softmax, "softmax"}
-MATMUL = {torch.matmul, operator.matmul, "matmul"}
 
 
 @dataclass

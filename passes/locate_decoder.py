@@ -14,7 +14,7 @@ import re
 
 import torch.fx as fx
 
-from libra_fx.fx_utils import descendants, module_path, value
+from libra_fx.fx_utils import SDPA, SOFTMAX, descendants, module_path, value
 from libra_fx.passes import NothingToCompress, PassResult, RewriteContext, Stage, UnsupportedGraph
 from libra_fx.selectors import num_targets
 
@@ -26,19 +26,30 @@ def _target_name(node: fx.Node) -> str:
     return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
 
 
+def has_causal_attention(graph: fx.Graph) -> bool:
+    """Whether some attention call is causal (a decoder), not only bidirectional (a vision tower)."""
+    for n in graph.nodes:
+        if n.target in SDPA and (n.kwargs.get("is_causal") or n.kwargs.get("attn_mask") is not None
+                                 or len(n.args) > 3 and n.args[3] is not None):
+            return True
+        if n.target in SOFTMAX and _target_name(n.args[0]) in ("add", "add_"):
+            return True
+    return False
+
+
 def find_visual_insertion(graph: fx.Graph) -> fx.Node:
     scatters = [n for n in graph.nodes if _target_name(n) == "masked_scatter"]
-    if not scatters:
-        takes_pixels = any(n.op == "placeholder" and "pixel" in n.name.lower() for n in graph.nodes)
-        if takes_pixels:
-            raise UnsupportedGraph(
-                "the graph takes pixel values but has no masked_scatter of visual features into the "
-                "token embeddings, so the visual tokens cannot be located (unsupported architecture?)"
-            )
-        raise NothingToCompress("no visual tokens in this graph (text-only input)")
     if len(scatters) > 1:
         raise UnsupportedGraph(f"found {len(scatters)} visual-feature insertions (masked_scatter); expected one")
-    return scatters[0]
+    if scatters:
+        return scatters[0]
+    takes_pixels = any(n.op == "placeholder" and "pixel" in n.name.lower() for n in graph.nodes)
+    if takes_pixels and has_causal_attention(graph):
+        raise UnsupportedGraph(
+            "the graph takes pixel values and runs a causal decoder, but has no masked_scatter of visual "
+            "features into the token embeddings, so the visual tokens cannot be located (unsupported architecture?)"
+        )
+    raise NothingToCompress("no visual tokens enter a decoder in this graph (text-only input, or a vision-only part)")
 
 
 def tokens_per_image(features: fx.Node) -> int | None:

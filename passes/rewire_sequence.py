@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 from torch.fx.node import map_aggregate
 
-from libra_fx.fx_utils import call, descendants, is_size_like, value
+from libra_fx.fx_utils import INSERTED, call, descendants, is_size_like, value
 from libra_fx.layout import gather_mask, gather_tokens
 from libra_fx.passes import PassResult, RewriteContext, Stage, UnsupportedGraph
 
@@ -40,7 +40,7 @@ def classify(ctx: RewriteContext, node: fx.Node):
     """``LENGTH``, ``MASK``, ``("tokens", dim)`` or ``KEEP`` for an input from outside a region."""
     if node in ctx.derived:
         return ctx.derived[node]
-    if node.meta.get("libra_fx_inserted"):
+    if node.meta.get(INSERTED):
         return KEEP
     v = value(node)
     seq = ctx.seq_len
@@ -81,7 +81,6 @@ def _replacement(ctx: RewriteContext, stage: Stage, node: fx.Node, kind, made: d
                 made[node] = call(graph, gather_mask, node, stage.source)
             else:
                 made[node] = call(graph, gather_tokens, node, stage.source, kind[1])
-        made[node].meta["libra_fx_inserted"] = True
         ctx.derived[made[node]] = kind
     return made[node]
 
@@ -95,8 +94,6 @@ def _replace_literal_length(arg, seq_len: int, new_len: fx.Node):
 
 def rewire(ctx: RewriteContext, stage: Stage, first: bool) -> list[str]:
     own = {stage.hidden, stage.span, stage.source, stage.new_len, stage.hidden.args[0]}
-    for n in own:
-        n.meta["libra_fx_inserted"] = True
     ctx.derived[stage.new_len] = LENGTH
     stage.region = descendants(stage.layer_output) - own
     made: dict[fx.Node, fx.Node] = {}

@@ -28,6 +28,7 @@ Decisions taken where SPEC leaves room (see also the report / README):
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -52,8 +53,8 @@ _RECIPES = {
 
 
 def num_targets(n: int, ratio: float) -> int:
-    """``Nt = clamp(round_half_up(N * (1 - R)), 1, N)``."""
-    nt = int(math.floor(n * (1.0 - ratio) + 0.5))
+    """``Nt = clamp(round_half_up(N * (1 - R)), 1, N)``, R read as the decimal it prints as."""
+    nt = int(math.floor(n * (1 - Fraction(repr(float(ratio)))) + Fraction(1, 2)))
     return max(1, min(n, nt))
 
 

@@ -94,3 +94,16 @@ def test_bfloat16_matches_oracle(run_backend):
     assert be.last.compressed, be.last
     want, _ = oracle_logits(model, **inputs, **cfg)
     assert torch.allclose(logits[:, -1].float(), want, atol=3e-2, rtol=3e-2)
+
+
+def test_graph_breaks_still_compress(models, run_backend):
+    """Without ``fullgraph`` LLaVA's forward breaks at the placeholder check; the decoder's graph
+    still holds the visual-token insertion and is compressed, the other graphs are left alone."""
+    model = models[("sdpa", "gqa")]
+    inputs = tiny_llava_inputs(model, batch=2)
+    cfg = dict(method="libra", ratio=0.5, layers=(1,))
+    logits, be = run_backend(model, inputs, fullgraph=False, compiler="eager", **cfg)
+    assert len(be.records) > 1
+    assert sum(r.compressed for r in be.records) == 1
+    assert all("no visual tokens" in r.reason for r in be.records if not r.compressed)
+    assert_matches_oracle(logits, model, inputs, 1e-5, **cfg)

@@ -1,0 +1,129 @@
+"""Wrong settings raise a clear ValueError; graphs the passes cannot understand are compiled
+uncompressed with a warning (or raise under ``strict=True``); never a silently wrong result."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.exc import BackendCompilerFailed
+
+import libra_fx
+from libra_fx.testing import tiny_llava, tiny_llava_inputs
+from oracle import oracle_logits
+
+
+@pytest.mark.parametrize("ratio", [-0.1, 1.0, 1.5, "0.5", True, float("nan")])
+def test_ratio_outside_unit_interval(ratio):
+    with pytest.raises(ValueError, match=r"ratio must be a number in \[0, 1\)"):
+        libra_fx.backend(ratio=ratio)
+
+
+def test_unknown_method_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="unknown method 'tome'; valid methods: libra, fastv, turbo, merge, pti, igm_pos, igm_neg"):
+        libra_fx.backend(method="tome")
+
+
+@pytest.mark.parametrize("layers", [(-1,), (3, 1), (2, 2), 5, ("7",)])
+def test_malformed_layers(layers):
+    with pytest.raises(ValueError, match="layers must be"):
+        libra_fx.backend(layers=layers)
+
+
+@pytest.mark.parametrize("kw, message", [(dict(eta=0), "eta must be"), (dict(eta="max"), "eta must be"),
+                                         (dict(tau="high"), "tau must be"), (dict(compiler="tvm"), "compiler must be")])
+def test_other_settings(kw, message):
+    with pytest.raises(ValueError, match=message):
+        libra_fx.backend(**kw)
+
+
+def test_layer_index_beyond_the_model_names_the_layer_count(run_backend):
+    model = tiny_llava(num_layers=4)
+    with pytest.raises(BackendCompilerFailed) as info:
+        run_backend(model, tiny_llava_inputs(model), layers=(1, 4), compiler="eager")
+    assert isinstance(info.value.inner_exception, ValueError)
+    assert "layer index 4 is out of range: the model has 4 decoder layers" in str(info.value)
+
+
+class NoDecoderLayers(torch.nn.Module):
+    """Puts 'visual features' into token embeddings, but has no ``layers.<i>`` decoder."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(128, 16)
+        self.proj = torch.nn.Linear(3, 16)
+        self.head = torch.nn.Linear(16, 128)
+
+    def forward(self, input_ids, pixel_values):
+        embeds = self.embed(input_ids)
+        features = self.proj(pixel_values.flatten(2).transpose(1, 2)).reshape(-1, 16)
+        embeds = embeds.masked_scatter((input_ids == 100)[..., None], features)
+        return self.head(embeds.cumsum(1))
+
+
+def _no_decoder_inputs():
+    ids = torch.randint(0, 99, (1, 12))
+    ids[0, 2:6] = 100
+    return ids, torch.randn(1, 3, 2, 2)
+
+
+def test_graph_without_a_decoder_falls_back_with_a_warning():
+    model, (ids, pix) = NoDecoderLayers(), _no_decoder_inputs()
+    torch._dynamo.reset()
+    be = libra_fx.backend(layers=(0,))
+    with pytest.warns(libra_fx.LibraFallbackWarning, match="compiling this graph uncompressed: no decoder layers"):
+        out = torch.compile(model, backend=be)(ids, pix)
+    assert not be.last.compressed
+    torch.testing.assert_close(out, model(ids, pix))
+
+
+def test_graph_without_a_decoder_raises_under_strict():
+    model, (ids, pix) = NoDecoderLayers(), _no_decoder_inputs()
+    torch._dynamo.reset()
+    with pytest.raises(BackendCompilerFailed, match="no decoder layers"):
+        torch.compile(model, backend=libra_fx.backend(layers=(0,), strict=True))(ids, pix)
+
+
+def test_static_length_equal_to_head_dim_is_not_silently_rewritten(run_backend):
+    """With static shapes a literal 64 may be the sequence length or the head dimension: the
+    shape check refuses the rewrite instead of guessing; a symbolic length removes the doubt."""
+    model = tiny_llava(hidden_size=256, num_heads=4, num_kv_heads=4, intermediate_size=64)  # head_dim 64
+    inputs = tiny_llava_inputs(model, prefix=14, suffix=14)  # T = 14 + 36 + 14 = 64
+    cfg = dict(method="libra", ratio=0.5, layers=(1,))
+    with pytest.warns(libra_fx.LibraFallbackWarning, match="mark_dynamic"):
+        logits, be = run_backend(model, inputs, compiler="eager", **cfg)
+    assert not be.last.compressed
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model(**inputs).logits, atol=1e-5, rtol=1e-5)
+
+    logits, be = run_backend(model, inputs, dynamic=True, compiler="eager", **cfg)
+    assert be.last.compressed
+    want, _ = oracle_logits(model, **inputs, **cfg)
+    torch.testing.assert_close(logits[:, -1], want, atol=1e-5, rtol=1e-5)
+
+
+class WhereInsertion(torch.nn.Module):
+    """An 'LVLM' that merges visual features with ``torch.where`` instead of ``masked_scatter``."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(128, 16)
+        self.proj = torch.nn.Linear(3, 16)
+        self.layers = torch.nn.ModuleList([torch.nn.Linear(16, 48) for _ in range(2)])
+
+    def forward(self, input_ids, pixel_values):
+        embeds = self.embed(input_ids)
+        features = self.proj(pixel_values.flatten(2).transpose(1, 2)).mean(1, keepdim=True)
+        h = torch.where((input_ids == 100)[..., None], features, embeds)
+        for layer in self.layers:
+            q, k, v = layer(h)[:, None].chunk(3, dim=-1)
+            h = h + torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)[:, 0]
+        return h
+
+
+def test_unsupported_visual_insertion_warns():
+    model, (ids, pix) = WhereInsertion(), _no_decoder_inputs()
+    torch._dynamo.reset()
+    be = libra_fx.backend(layers=(0,))
+    with pytest.warns(libra_fx.LibraFallbackWarning, match="no masked_scatter of visual features"):
+        out = torch.compile(model, backend=be)(ids, pix)
+    torch.testing.assert_close(out, model(ids, pix))
