@@ -9,11 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from libra_fx.selectors import cosine_matrix, one_hot_targets
-
-
-def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    return x.gather(1, idx[..., None].expand(*idx.shape, x.shape[-1]))
+from libra_fx.selectors import cosine_matrix, gather_rows, one_hot_targets
 
 
 def assign_groups(hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -21,7 +17,7 @@ def assign_groups(hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Te
 
     A target always belongs to its own group. Returns ``(group [S, N], similarity [S, N])``.
     """
-    sim = cosine_matrix(_gather_rows(hidden, targets), hidden)  # [S, Nt, N]
+    sim = cosine_matrix(gather_rows(hidden, targets), hidden)  # [S, Nt, N]
     best, group = sim.max(dim=1)
     own = torch.arange(targets.shape[1], device=targets.device).expand_as(targets)
     group = group.scatter(1, targets, own)
@@ -36,7 +32,7 @@ def _weighted_sum(hidden: torch.Tensor, logits: torch.Tensor, member: torch.Tens
 
 def prune(hidden: torch.Tensor, alpha: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """FastV: keep the targets, drop the rest."""
-    return _gather_rows(hidden, targets)
+    return gather_rows(hidden, targets)
 
 
 def average(hidden: torch.Tensor, alpha: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ class CompressionConfig:
     def __post_init__(self):
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 <= self.ratio < 1:
             raise ValueError(f"ratio must be a number in [0, 1), got {self.ratio!r}")
-        if isinstance(self.layers, int) or not all(
+        if isinstance(self.layers, (int, str)) or not all(
             isinstance(i, int) and not isinstance(i, bool) for i in self.layers
         ):
             raise ValueError(f"layers must be a tuple of layer indices, got {self.layers!r}")

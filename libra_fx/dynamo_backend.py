@@ -49,12 +49,14 @@ class LibraBackend:
 
     def __init__(self, ratio=0.5, layers=(7, 15, 23), method="libra", tau=0.7, eta="mean",
                  strict=False, *, compiler="inductor"):
-        self.config = CompressionConfig(ratio=ratio, layers=tuple(layers) if not isinstance(layers, int) else layers,
-                                        method=method, tau=tau, eta=eta)
+        self.config = CompressionConfig(ratio=ratio, layers=layers, method=method, tau=tau, eta=eta)
         if compiler not in COMPILERS:
             raise ValueError(f"compiler must be one of {COMPILERS}, got {compiler!r}")
         self.strict = strict
         self.compiler = compiler
+        from libra_fx.api import warn_on_compiled_generate
+
+        warn_on_compiled_generate()
         self.records: list[CompileRecord] = []
         self.__name__ = "libra"
 

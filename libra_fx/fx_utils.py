@@ -67,8 +67,16 @@ def call(graph: fx.Graph, fn, *args, **kwargs) -> fx.Node:
     return node
 
 
+def concrete(x):
+    """A SymInt whose expression is a plain number, as an ``int``; anything else unchanged."""
+    if isinstance(x, torch.SymInt) and x.node.expr.is_number:
+        return int(x.node.expr)
+    return x
+
+
 def is_size_like(x, size) -> bool:
     """Whether ``x`` (an int or SymInt) is exactly the sequence length ``size``."""
+    x, size = concrete(x), concrete(size)
     if isinstance(x, torch.SymInt) or isinstance(size, torch.SymInt):
         if not (isinstance(x, torch.SymInt) and isinstance(size, torch.SymInt)):
             return False

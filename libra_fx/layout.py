@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from libra_fx.compressors import _gather_rows
 from libra_fx.methods import get_method
-from libra_fx.selectors import num_targets
+from libra_fx.selectors import gather_rows, num_targets
 
 
 def visual_span_mask(placeholder_mask: torch.Tensor) -> torch.Tensor:
@@ -57,7 +56,7 @@ def compress_visual_tokens(
 
     where = torch.sort((~span).to(torch.uint8), dim=-1, stable=True).indices[:, : k * n]  # [B, k·N]
     spans = where.reshape(b * k, n)
-    tokens = _gather_rows(hidden.float(), where).reshape(b * k, n, d)
+    tokens = gather_rows(hidden.float(), where).reshape(b * k, n, d)
     weights = alpha.gather(1, where).reshape(b * k, n).float()
     targets = m.selector(weights, tokens, nt)
     replaced = m.compressor(tokens, weights, targets, tau=tau, eta=eta).to(hidden.dtype)
@@ -75,7 +74,7 @@ def compress_visual_tokens(
     is_merged = torch.cat([torch.zeros_like(span), torch.ones_like(at_target, dtype=torch.bool),
                            torch.zeros_like(after_span, dtype=torch.bool)], dim=1)
     source = torch.cat([ranks, at_target, after_span], dim=1)
-    return _gather_rows(pool, order), is_merged.gather(1, order), source.gather(1, order)
+    return gather_rows(pool, order), is_merged.gather(1, order), source.gather(1, order)
 
 
 def gather_tokens(x: torch.Tensor, source: torch.Tensor, dim: int) -> torch.Tensor:

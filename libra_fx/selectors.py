@@ -69,6 +69,11 @@ def turbo(alpha: torch.Tensor, hidden: torch.Tensor, nt: int, lam: float = 1.0) 
     return top_k(info, nt)
 
 
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[s, index[s, i], :]`` for ``x: [S, N, D]``, ``index: [S, I]`` → ``[S, I, D]``."""
+    return x.gather(1, index[..., None].expand(*index.shape, x.shape[-1]))
+
+
 def one_hot_targets(targets: torch.Tensor, n: int) -> torch.Tensor:
     """``[S, Nt]`` ranks → ``[S, N]`` bool mask of the targets."""
     return F.one_hot(targets, n).sum(1).bool()

@@ -87,15 +87,19 @@ def tiny_llava_inputs(
     pad: tuple[int, ...] = (),
     with_image: bool = True,
     seed: int = 0,
+    images: int = 1,
 ) -> dict[str, torch.Tensor]:
     """A batch of prompts ``[pad] prefix-text [image tokens] suffix-text``.
 
+    ``images=2`` gives ``[pad] prefix [image 1] 3 text tokens [image 2] suffix`` (two spans).
+
     ``pad[b]`` left-pads sample ``b`` (its ``attention_mask`` is 0 there); an ``attention_mask``
-    is returned only when some sample is padded.
+    is returned only when ``pad`` is given (``pad=(0,)`` gives one of all ones).
     """
     gen = torch.Generator().manual_seed(seed)
     vocab = model.config.text_config.vocab_size
     n_img = num_visual_tokens(model) if with_image else 0
+    padded = bool(pad)
     pad = tuple(pad) + (0,) * (batch - len(pad))
     width = max(pad)
 
@@ -103,23 +107,22 @@ def tiny_llava_inputs(
         ids = torch.randint(1, vocab, (n,), generator=gen)
         return torch.where(ids == IMAGE_TOKEN_ID, ids + 1, ids)
 
+    def image_and_text(i):
+        return [torch.full((n_img,), IMAGE_TOKEN_ID), text(suffix if i == images - 1 else 3)]
+
     rows = [
-        torch.cat([
-            torch.full((p,), PAD_TOKEN_ID),
-            text(prefix + width - p),
-            torch.full((n_img,), IMAGE_TOKEN_ID),
-            text(suffix),
-        ])
+        torch.cat([torch.full((p,), PAD_TOKEN_ID), text(prefix + width - p)]
+                  + [part for i in range(images) for part in image_and_text(i)])
         for p in pad
     ]
     ids = torch.stack(rows)
     inputs: dict[str, torch.Tensor] = {"input_ids": ids}
-    if width:
+    if padded:
         inputs["attention_mask"] = (torch.arange(ids.shape[1]) >= torch.tensor(pad)[:, None]).long()
     if with_image:
         vision = model.config.vision_config
         dtype = next(model.parameters()).dtype
         inputs["pixel_values"] = torch.randn(
-            batch, 3, vision.image_size, vision.image_size, generator=gen
+            batch * images, 3, vision.image_size, vision.image_size, generator=gen
         ).to(dtype)
     return inputs

@@ -14,7 +14,7 @@ import re
 
 import torch.fx as fx
 
-from libra_fx.fx_utils import SDPA, SOFTMAX, descendants, module_path, value
+from libra_fx.fx_utils import SDPA, SOFTMAX, concrete, descendants, module_path, value
 from libra_fx.passes import NothingToCompress, PassResult, RewriteContext, Stage, UnsupportedGraph
 from libra_fx.selectors import num_targets
 
@@ -107,7 +107,7 @@ def run(ctx: RewriteContext) -> PassResult:
     result.matched.append(f"{ctx.num_layers} decoder layers under {prefix or '<root>'!r}")
 
     embeds = value(visual)
-    ctx.batch, ctx.seq_len = embeds.shape[0], embeds.shape[1]
+    ctx.batch, ctx.seq_len = concrete(embeds.shape[0]), concrete(embeds.shape[1])
     ctx.visual_mask = visual.args[1]
     features = visual.args[2]
     rows = value(features).shape[0]

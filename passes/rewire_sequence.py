@@ -28,7 +28,7 @@ from libra_fx.fx_utils import INSERTED, call, descendants, is_size_like, value
 from libra_fx.layout import gather_mask, gather_tokens
 from libra_fx.passes import PassResult, RewriteContext, Stage, UnsupportedGraph
 
-LENGTH, MASK, KEEP = "length", "mask", "keep"
+HIDDEN, LENGTH, MASK, KEEP = "hidden", "length", "mask", "keep"
 WEIGHTS = re.compile(r"_(parameters|buffers)_")
 
 
@@ -61,7 +61,7 @@ def classify(ctx: RewriteContext, node: fx.Node):
         raise UnsupportedGraph(f"{node.name} has shape {shape}, derived from the sequence length")
     if not seq_dims:
         return KEEP
-    batch_ok = len(shape) >= 2 and (shape[0] == 1 or is_size_like(shape[0], ctx.batch) or shape[0] == ctx.batch)
+    batch_ok = len(shape) >= 2 and (is_size_like(shape[0], 1) or is_size_like(shape[0], ctx.batch))
     if batch_ok and seq_dims == [len(shape) - 2, len(shape) - 1] and len(shape) == 4:
         return MASK
     if batch_ok and len(seq_dims) == 1 and seq_dims[0] >= 1:
@@ -70,7 +70,7 @@ def classify(ctx: RewriteContext, node: fx.Node):
 
 
 def _replacement(ctx: RewriteContext, stage: Stage, node: fx.Node, kind, made: dict, user: fx.Node) -> fx.Node:
-    if node is stage.layer_output:
+    if kind == HIDDEN:
         return stage.hidden
     if kind == LENGTH:
         return stage.new_len
@@ -102,12 +102,10 @@ def rewire(ctx: RewriteContext, stage: Stage, first: bool) -> list[str]:
         for arg in node.all_input_nodes:
             if arg in stage.region:
                 continue
-            kind = KEEP if arg is not stage.layer_output else "hidden"
-            if arg is not stage.layer_output:
-                kind = classify(ctx, arg)
+            kind = HIDDEN if arg is stage.layer_output else classify(ctx, arg)
             if kind != KEEP:
                 node.replace_input_with(arg, _replacement(ctx, stage, arg, kind, made, node))
-        if literal:
+        if literal and not node.meta.get(INSERTED):
             node.args = _replace_literal_length(node.args, ctx.seq_len, stage.new_len)
             node.kwargs = _replace_literal_length(node.kwargs, ctx.seq_len, stage.new_len)
     return [f"{src.name} → {dst.name}" for src, dst in made.items()]
