@@ -49,13 +49,13 @@ def compress_visual_tokens(
     k, n = spans_per_sample, span_len
     nt = num_targets(n, ratio)
     c = int(m.compensation)
-    torch._assert_async(
-        (span.sum(-1) == k * n).all(),
-        "libra_fx: a sample does not hold the number of visual tokens the graph was compiled for",
-    )
-
     where = torch.sort((~span).to(torch.uint8), dim=-1, stable=True).indices[:, : k * n]  # [B, k·N]
     spans = where.reshape(b * k, n)
+    torch._assert_async(
+        (span.sum(-1) == k * n).all() & (spans[:, -1] - spans[:, 0] == n - 1).all(),
+        "libra_fx: a sample does not hold the visual-token spans the graph was compiled for "
+        f"({k} contiguous span(s) of {n} tokens)",
+    )
     tokens = gather_rows(hidden.float(), where).reshape(b * k, n, d)
     weights = alpha.gather(1, where).reshape(b * k, n).float()
     targets = m.selector(weights, tokens, nt)

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
-from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-from libra_fx.fx_utils import is_size_like, value
+from libra_fx.fx_utils import INSERTED, is_size_like, value
 from libra_fx.passes import PassResult, RewriteContext, UnsupportedGraph
 
 
@@ -29,8 +28,21 @@ def _hint(ctx: RewriteContext) -> str:
     )
 
 
-def _fake_inputs(ctx: RewriteContext) -> list:
-    return [value(n) for n in ctx.gm.graph.find_nodes(op="placeholder")]
+class _PropagateRewritten(torch.fx.Interpreter):
+    """Fake-run only what the passes changed (inserted nodes and the stages' regions); every other
+    node keeps the fake value Dynamo traced for it."""
+
+    def __init__(self, gm, mode, changed):
+        super().__init__(gm)
+        self.mode, self.changed = mode, changed
+
+    def run_node(self, n):
+        if n.op == "placeholder" or not (n in self.changed or n.meta.get(INSERTED) or n.op == "output"):
+            return value(n)
+        with self.mode:
+            result = super().run_node(n)
+        n.meta["val"] = result
+        return result
 
 
 def _expected(old: tuple, seq_len, new_len) -> tuple:
@@ -46,10 +58,11 @@ def _same(a, b) -> bool:
 
 def run(ctx: RewriteContext) -> PassResult:
     result = PassResult("check_shapes")
-    inputs = _fake_inputs(ctx)
-    mode = next(x.fake_mode for x in inputs if isinstance(x, FakeTensor))
+    placeholders = [value(n) for n in ctx.gm.graph.find_nodes(op="placeholder")]
+    mode = next(x.fake_mode for x in placeholders if isinstance(x, FakeTensor))
+    changed = set().union(*(stage.region for stage in ctx.stages))
     try:
-        FakeTensorProp(ctx.gm, mode).propagate_dont_convert_inputs(*inputs)
+        _PropagateRewritten(ctx.gm, mode, changed).run(*placeholders)
     except Exception as e:  # noqa: BLE001  (any failure means the rewrite is not understood)
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise UnsupportedGraph(

@@ -53,7 +53,8 @@ def find_visual_insertion(graph: fx.Graph) -> fx.Node:
 
 
 def tokens_per_image(features: fx.Node) -> int | None:
-    """Walk back from the flattened features ``[n_images·N, D]`` to a ``[n_images, N, D]`` tensor."""
+    """Visual tokens per image, read off how the flattened features ``[n_images·N, D]`` were built:
+    a ``cat`` of per-image ``[N, D]`` pieces, or a ``[n_images, N, D]`` tensor."""
     todo, seen = [features], set()
     while todo:
         node = todo.pop()
@@ -63,6 +64,11 @@ def tokens_per_image(features: fx.Node) -> int | None:
         shape = getattr(value(node), "shape", None)
         if shape is not None and len(shape) == 3:
             return shape[1]
+        if _target_name(node) == "cat" and node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0) == 0:
+            sizes = {getattr(value(p), "shape", (None,))[0] for p in node.args[0]}
+            if len(sizes) != 1:
+                raise UnsupportedGraph(f"images of different token counts {sorted(map(str, sizes))} are not supported yet")
+            return sizes.pop()
         if _target_name(node) in SHAPE_KEEPING:
             todo.extend(a for a in node.all_input_nodes)
     return None

@@ -7,7 +7,8 @@ with explicit position ids, explicit RoPE cos/sin and an explicit 4-D additive a
 After each compression layer it computes the importance alpha from that layer's own modules and
 rewrites the sequence with plain Python loops over samples, spans and targets.
 
-Public entry point: :func:`oracle_logits`.
+Public entry points: :func:`oracle_logits` (prefill logits) and :func:`oracle_generate` (greedy
+generation, compression in prefill only, per-layer KV caches of different lengths; SPEC §5).
 
 Decisions taken where SPEC leaves room (see also the report / README):
 
@@ -345,8 +346,42 @@ def _embed(model, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) ->
     return embeds
 
 
+def _input_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, convention: str) -> torch.Tensor:
+    """[B, T] position ids of the uncompressed input.
+
+    ``"arange"``: ``arange(T)`` for every sample (``LlamaModel.forward`` with ``position_ids=None``).
+    ``"generate"``: what ``GenerationMixin._prepare_position_ids_for_generation`` does:
+    ``attention_mask.cumsum(-1) - 1`` with padding set to 0 when a mask is given, else ``arange(T)``.
+    """
+    B, T = input_ids.shape
+    if convention == "generate" and attention_mask is not None:
+        pos = attention_mask.long().cumsum(-1) - 1
+        return pos.masked_fill(attention_mask == 0, 0)
+    if convention not in ("arange", "generate"):
+        raise ValueError(f"unknown position convention {convention!r}")
+    return torch.arange(T, dtype=torch.long).unsqueeze(0).expand(B, T)
+
+
+def _layer_kv(layer, h_in: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key and value states of ``layer`` for input ``h_in`` [B, T, D]: after RoPE, before GQA repeat.
+
+    Same modules and ops as ``LlamaAttention.forward``: [B, kv_heads, T, head_dim] each.
+    """
+    attn = layer.self_attn
+    x = layer.input_layernorm(h_in)
+    B, T, _ = x.shape
+    hd = attn.head_dim
+    k = attn.k_proj(x).view(B, T, -1, hd).transpose(1, 2)
+    v = attn.v_proj(x).view(B, T, -1, hd).transpose(1, 2)
+    _, k = apply_rotary_pos_emb(k, k, cos, sin)
+    return k, v
+
+
 def _run(model, input_ids, pixel_values=None, attention_mask=None, *, method="libra", ratio=0.5,
-         layers=(1,), tau=0.7, eta="mean", trace=None):
+         layers=(1,), tau=0.7, eta="mean", trace=None, positions="arange", kv=None):
+    """Prefill. ``positions``: see :func:`_input_positions`. ``kv``: a list that, when given, receives
+    one ``(keys, values, valid)`` per decoder layer (``valid`` [B, S] bool: the padding mask of the
+    sequence that layer saw)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}")
     if not 0 <= ratio < 1:
@@ -369,7 +404,9 @@ def _run(model, input_ids, pixel_values=None, attention_mask=None, *, method="li
         hidden = _embed(model, input_ids, pixel_values)
         dtype = hidden.dtype
 
-        # Token records, positions arange(T) as transformers' LlamaModel does.
+        # Token records, positions arange(T) as transformers' LlamaModel does (oracle_logits) or
+        # the attention_mask cumsum as GenerationMixin does (oracle_generate).
+        in_pos = _input_positions(input_ids, attention_mask, positions).tolist()
         has_image = pixel_values is not None
         toks: list[list[_Tok]] = []
         for b in range(B):
@@ -383,10 +420,10 @@ def _run(model, input_ids, pixel_values=None, attention_mask=None, *, method="li
                         t += 1
                     last = t - 1
                     for u in range(start, t):
-                        row.append(_Tok("vis", u, bool(attention_mask[b, u]), span, last))
+                        row.append(_Tok("vis", in_pos[b][u], bool(attention_mask[b, u]), span, in_pos[b][last]))
                     span += 1
                 else:
-                    row.append(_Tok("text", t, bool(attention_mask[b, t])))
+                    row.append(_Tok("text", in_pos[b][t], bool(attention_mask[b, t])))
                     t += 1
             toks.append(row)
 
@@ -395,6 +432,10 @@ def _run(model, input_ids, pixel_values=None, attention_mask=None, *, method="li
             mask = _build_mask(toks, dtype)
             pos = _position_ids(toks)
             cos, sin = lm.rotary_emb(hidden, pos)
+            if kv is not None:
+                k_states, v_states = _layer_kv(layer, hidden, cos, sin)
+                valid = torch.tensor([[t.valid for t in row] for row in toks], dtype=torch.bool)
+                kv.append((k_states, v_states, valid))
             out = layer(
                 hidden,
                 attention_mask=mask,
@@ -436,3 +477,101 @@ def oracle_logits(model, input_ids, pixel_values=None, attention_mask=None, *,
     """
     return _run(model, input_ids, pixel_values, attention_mask, method=method, ratio=ratio,
                 layers=layers, tau=tau, eta=eta)
+
+
+# --------------------------------------------------------------------------------------------
+# Generation (SPEC §5: compression in prefill only, each layer decodes against its own cache)
+# --------------------------------------------------------------------------------------------
+
+
+def _decode_layer(layer, h: torch.Tensor, cos, sin, cache: list) -> torch.Tensor:
+    """One decoder layer on one new token per sample, by hand.
+
+    ``h`` [B, 1, D]; ``cache`` = [keys, values, valid] of this layer (its own length S), updated in
+    place with the new token's key / value (always valid). The query attends to the S cached
+    entries that are valid plus itself (everything cached precedes it, so no causal cut is needed).
+    """
+    attn = layer.self_attn
+    B = h.shape[0]
+    hd = attn.head_dim
+    x = layer.input_layernorm(h)
+    q = attn.q_proj(x).view(B, 1, -1, hd).transpose(1, 2)
+    k = attn.k_proj(x).view(B, 1, -1, hd).transpose(1, 2)
+    v = attn.v_proj(x).view(B, 1, -1, hd).transpose(1, 2)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    keys = torch.cat([cache[0], k], dim=2)
+    values = torch.cat([cache[1], v], dim=2)
+    valid = torch.cat([cache[2], torch.ones(B, 1, dtype=torch.bool)], dim=1)
+    cache[0], cache[1], cache[2] = keys, values, valid
+
+    groups = q.shape[1] // keys.shape[1]
+    keys_r = keys.repeat_interleave(groups, dim=1)  # query head h uses kv head h // groups
+    values_r = values.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q, keys_r.transpose(2, 3)) * attn.scaling  # [B, H, 1, S + 1]
+    neg = torch.finfo(scores.dtype).min
+    additive = torch.zeros(valid.shape, dtype=scores.dtype).masked_fill(~valid, neg)
+    scores = scores + additive[:, None, None, :]
+    p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    o = torch.matmul(p, values_r).transpose(1, 2).reshape(B, 1, -1)
+    h = h + attn.o_proj(o)
+    h = h + layer.mlp(layer.post_attention_layernorm(h))
+    return h
+
+
+def oracle_generate(model, input_ids, pixel_values=None, attention_mask=None, *, method="libra", ratio=0.5,
+                    layers=(1,), tau=0.7, eta="mean", max_new_tokens=8) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Greedy generation with compression in prefill only.
+
+    Returns (new tokens [B, max_new_tokens] long, per-step logits list of [B, V] float32; step 0 is
+    the prefill's last-position logits).
+
+    * Prefill: exactly :func:`oracle_logits`'s computation (same code path), except for the
+      position ids of the input, which follow ``model.generate``: when ``attention_mask`` is given,
+      ``position_ids = attention_mask.cumsum(-1) - 1`` with padding positions set to 0
+      (``GenerationMixin._prepare_position_ids_for_generation`` in transformers 5.x); without
+      ``attention_mask`` (treated as all ones), ``arange(T)``. Under left padding a sample thus
+      has the same positions as when it is run alone, unpadded. (``oracle_logits`` keeps
+      ``arange(T)`` for every sample, which is what a plain ``model(...)`` call does.) Without
+      padding both conventions coincide, so step 0 equals ``oracle_logits`` then.
+      Merged targets and compensation tokens take their position ids from these input positions.
+    * KV cache: every decoder layer keeps the keys (after RoPE, before GQA repeat) and values of
+      the sequence it saw in prefill, with that sequence's padding mask: layers ``0..L1`` the full
+      sequence, later layers the compressed one of the stage(s) before them.
+    * Decode step t (t = 0 .. max_new_tokens - 2): the input token is the argmax of the previous
+      step's logits (first index on ties); its position id is ``last input position + 1 + t``
+      (``model.generate``'s ``position_ids[..., -1:] + 1``): ``T + t`` without mask, the number of
+      non-padding prompt tokens ``+ t`` under left padding. Each layer attends to its own cache
+      (padding entries masked) plus the new token, then appends the new key / value.
+    * Final norm + lm_head on the new token give that step's logits.
+
+    ``ratio == 0`` or ``layers == ()`` reproduces ``model.generate(..., do_sample=False)`` (with EOS
+    disabled: this oracle never stops early).
+    """
+    kv: list = []
+    logits, _ = _run(model, input_ids, pixel_values, attention_mask, method=method, ratio=ratio,
+                     layers=layers, tau=tau, eta=eta, positions="generate", kv=kv)
+    B = input_ids.shape[0]
+    lm = model.model.language_model
+    decoder_layers = list(lm.layers)
+    caches = [list(entry) for entry in kv]
+    next_pos = _input_positions(input_ids, attention_mask, "generate")[:, -1] + 1  # [B]
+
+    steps = [logits]
+    tokens = []
+    if max_new_tokens <= 0:
+        return torch.zeros(B, 0, dtype=torch.long), []
+    with torch.no_grad():
+        tok = torch.argmax(logits, dim=-1)
+        tokens.append(tok)
+        for t in range(max_new_tokens - 1):
+            h = model.get_input_embeddings()(tok[:, None])  # [B, 1, D]
+            pos = (next_pos + t)[:, None]
+            cos, sin = lm.rotary_emb(h, pos)
+            for layer, cache in zip(decoder_layers, caches):
+                h = _decode_layer(layer, h, cos, sin, cache)
+            h = lm.norm(h)
+            step_logits = model.lm_head(h[:, -1, :]).float()
+            steps.append(step_logits)
+            tok = torch.argmax(step_logits, dim=-1)
+            tokens.append(tok)
+    return torch.stack(tokens, dim=1).long(), steps
