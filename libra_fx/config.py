@@ -47,7 +47,8 @@ class CompressionConfig:
         return self.ratio > 0 and len(self.layers) > 0
 
     def check_layers(self, num_layers: int) -> None:
-        bad = [i for i in self.layers if i >= num_layers]
+        """``ValueError`` for a stage layer the model does not have (nothing to check when inactive)."""
+        bad = [i for i in self.layers if i >= num_layers] if self.active else []
         if bad:
             raise ValueError(
                 f"layer index {bad[0]} is out of range: the model has {num_layers} decoder layers "

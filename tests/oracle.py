@@ -266,10 +266,9 @@ def _importance(layer, h_in: torch.Tensor, mask: torch.Tensor, cos, sin, toks) -
     attn = layer.self_attn
     x = layer.input_layernorm(h_in)
     B, T, _ = x.shape
-    hd = attn.head_dim
-    q = attn.q_proj(x).view(B, T, -1, hd).transpose(1, 2)
-    k = attn.k_proj(x).view(B, T, -1, hd).transpose(1, 2)
-    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    q = attn.q_proj(x).view(B, T, -1, attn.head_dim).transpose(1, 2)
+    q, _ = apply_rotary_pos_emb(q, q, cos, sin)
+    k, _ = _layer_kv(layer, h_in, cos, sin)
     n_heads, n_kv = q.shape[1], k.shape[1]
     k = k.repeat_interleave(n_heads // n_kv, dim=1)  # GQA: query head h uses kv head h // groups
     out = []
