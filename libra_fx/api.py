@@ -15,13 +15,12 @@ they are, each layer attending to its own (full or compressed) KV cache.
 from __future__ import annotations
 
 import functools
-import warnings
 
 import torch
 from transformers import DynamicCache
 
 from libra_fx.attention import use_libra_attention
-from libra_fx.dynamo_backend import LibraBackend, libra_backend
+from libra_fx.dynamo_backend import LibraBackend
 
 
 def num_decoder_layers(model) -> int:
@@ -64,41 +63,3 @@ def check_cache(cache) -> None:
             "position, and cannot hold a compressed sequence; use the default dynamic cache (do not pass "
             "cache_implementation='static' or a StaticCache to generate)"
         )
-
-
-def _uses_libra(optimized) -> bool:
-    fn = getattr(getattr(optimized, "dynamo_ctx", None), "callback", None)
-    for _ in range(8):  # unwrap Dynamo's convert-frame wrappers
-        if isinstance(fn, LibraBackend) or fn is libra_backend:
-            return True
-        fn = getattr(fn, "_torchdynamo_orig_backend", None) or getattr(fn, "compiler_fn", None)
-        if fn is None:
-            return False
-    return False
-
-
-def warn_on_compiled_generate() -> None:
-    """Warn when ``generate`` is taken from ``torch.compile(model, backend=<libra>)``.
-
-    ``OptimizedModule.generate`` is the original model's method, which calls the *uncompiled*
-    forward: the backend never runs and nothing is compressed.
-    """
-    from torch._dynamo.eval_frame import OptimizedModule
-
-    if getattr(OptimizedModule, "_libra_fx_warns", False):
-        return
-    original = OptimizedModule.__getattr__
-
-    def __getattr__(self, name):
-        if name == "generate" and _uses_libra(self):
-            warnings.warn(
-                "libra_fx: generate() on torch.compile(model, backend=libra) runs the UNCOMPILED model, "
-                "so no visual token is compressed. Use `model = libra_fx.compile(model, ...)` and call "
-                "`model.generate(...)` instead.",
-                UserWarning,
-                stacklevel=2,
-            )
-        return original(self, name)
-
-    OptimizedModule.__getattr__ = __getattr__
-    OptimizedModule._libra_fx_warns = True

@@ -54,8 +54,6 @@ class LibraBackend:
             raise ValueError(f"compiler must be one of {COMPILERS}, got {compiler!r}")
         self.strict = strict
         self.compiler = compiler
-        from libra_fx.api import warn_on_compiled_generate
-
         warn_on_compiled_generate()
         self.records: list[CompileRecord] = []
         self.__name__ = "libra"
@@ -111,3 +109,41 @@ def libra_backend(gm: fx.GraphModule, example_inputs):
     Registered through the ``torch_dynamo_backends`` entry point in ``pyproject.toml``.
     """
     return LibraBackend()(gm, example_inputs)
+
+
+def _uses_libra(optimized) -> bool:
+    fn = getattr(getattr(optimized, "dynamo_ctx", None), "callback", None)
+    for _ in range(8):  # unwrap Dynamo's convert-frame wrappers
+        if isinstance(fn, LibraBackend) or fn is libra_backend:
+            return True
+        fn = getattr(fn, "_torchdynamo_orig_backend", None) or getattr(fn, "compiler_fn", None)
+        if fn is None:
+            return False
+    return False
+
+
+def warn_on_compiled_generate() -> None:
+    """Warn when ``generate`` is taken from ``torch.compile(model, backend=<libra>)``.
+
+    ``OptimizedModule.generate`` is the original model's method, which calls the *uncompiled*
+    forward: the backend never runs and nothing is compressed.
+    """
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    if getattr(OptimizedModule, "_libra_fx_warns", False):
+        return
+    original = OptimizedModule.__getattr__
+
+    def __getattr__(self, name):
+        if name == "generate" and _uses_libra(self):
+            warnings.warn(
+                "libra_fx: generate() on torch.compile(model, backend=libra) runs the UNCOMPILED model, "
+                "so no visual token is compressed. Use `model = libra_fx.compile(model, ...)` and call "
+                "`model.generate(...)` instead.",
+                UserWarning,
+                stacklevel=2,
+            )
+        return original(self, name)
+
+    OptimizedModule.__getattr__ = __getattr__
+    OptimizedModule._libra_fx_warns = True
