@@ -1,0 +1,88 @@
+"""FLOPs of the visual tokens through the decoder (SPEC §7, the paper's formula).
+
+Per decoder layer with ``n`` visual tokens, hidden size ``d`` and FFN size ``m``:
+``4nd² + 2n²d + 3ndm``. A stage after layer ``L`` changes ``n`` for layers ``L+1..``::
+
+    report(preset("llava-1.5-7b"), method="libra", ratio=0.5)   # 3.82 T → 1.79 T (47 %)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+
+from libra_fx.methods import get_method
+from libra_fx.selectors import num_targets
+
+PRESETS = ("llava-1.5-7b", "llava-1.5-13b", "llava-next-8b")
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    name: str
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    visual_tokens: int
+    layers: tuple[int, ...]  # the paper's libra schedule for this model
+    fastv_layers: tuple[int, ...]
+
+
+def preset(name: str, visual_tokens: int | None = None) -> DecoderShape:
+    """A shipped model shape (``PRESETS``); ``visual_tokens`` overrides the default count."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    data = json.loads(resources.files("libra_fx").joinpath("presets", f"{name}.json").read_text())
+    data["layers"], data["fastv_layers"] = tuple(data["layers"]), tuple(data["fastv_layers"])
+    if visual_tokens is not None:
+        data["visual_tokens"] = visual_tokens
+    return DecoderShape(**data)
+
+
+def layer_flops(n: int, d: int, m: int) -> int:
+    """``4nd² + 2n²d + 3ndm``: projections, attention scores/values and the gated FFN."""
+    return 4 * n * d * d + 2 * n * n * d + 3 * n * d * m
+
+
+def visual_tokens_per_layer(shape: DecoderShape, method: str = "libra", ratio: float = 0.0,
+                            layers: tuple[int, ...] = (), compensation: bool = True) -> list[int]:
+    """Visual tokens each decoder layer sees; ``compensation=False`` leaves compensation tokens out."""
+    comp = int(get_method(method).compensation and compensation)
+    counts, n, stages_done = [], shape.visual_tokens, 0
+    kept = n
+    for layer in range(shape.num_hidden_layers):
+        counts.append(kept)
+        if ratio > 0 and layer in layers:
+            n = num_targets(n, ratio)
+            stages_done += 1
+            kept = n + comp * stages_done
+    return counts
+
+
+def total_flops(shape: DecoderShape, **schedule) -> int:
+    d, m = shape.hidden_size, shape.intermediate_size
+    return sum(layer_flops(n, d, m) for n in visual_tokens_per_layer(shape, **schedule))
+
+
+def report(shape: DecoderShape, method: str = "libra", ratio: float = 0.5, layers: tuple[int, ...] | None = None,
+           compensation: bool = True) -> str:
+    """A plain-text table: per-layer visual tokens and FLOPs, total, and ratio to the vanilla model."""
+    if layers is None:
+        layers = shape.fastv_layers if method == "fastv" else shape.layers
+    d, m = shape.hidden_size, shape.intermediate_size
+    counts = visual_tokens_per_layer(shape, method, ratio, tuple(layers), compensation)
+    vanilla = total_flops(shape)
+    total = sum(layer_flops(n, d, m) for n in counts)
+    lines = [f"{shape.name}: d={d}, m={m}, {shape.num_hidden_layers} layers, {shape.visual_tokens} visual tokens",
+             f"{method}, ratio {ratio}, stages after layers {tuple(layers)}"
+             + ("" if compensation else " (compensation tokens not counted)"),
+             "", "| layers | visual tokens | TFLOPs per layer |", "| --- | ---: | ---: |"]
+    start = 0
+    for i in range(1, len(counts) + 1):
+        if i == len(counts) or counts[i] != counts[start]:
+            span = f"{start}" if i - 1 == start else f"{start}–{i - 1}"
+            lines.append(f"| {span} | {counts[start]} | {layer_flops(counts[start], d, m) / 1e12:.4f} |")
+            start = i
+    lines += ["", f"total: {total / 1e12:.2f} T of {vanilla / 1e12:.2f} T vanilla ({total / vanilla:.0%})"]
+    return "\n".join(lines)
