@@ -1,12 +1,15 @@
 """The ``libra-fx`` command line tool.
 
     libra-fx flops --preset llava-1.5-7b --method libra --ratio 0.5
+    libra-fx diff --model tiny-llava --method libra --ratio 0.5 [--out diff.html]
+    libra-fx show --model tiny-llava --method libra --ratio 0.5 --out map.png
 """
 
 from __future__ import annotations
 
 import argparse
 
+import libra_fx
 from libra_fx import flops
 from libra_fx.methods import METHODS
 
@@ -25,9 +28,64 @@ def main(argv: list[str] | None = None) -> None:
     report.add_argument("--ratio", type=float, default=0.5)
     report.add_argument("--layers", type=_layers, help="stage layers, e.g. 7,15,23 (default: the paper's for the preset)")
     report.add_argument("--no-compensation", action="store_true", help="leave compensation tokens out of the count")
+    for name, helptext in (("diff", "the graph before and after the passes, by decoder layer"),
+                           ("show", "a PNG of which image patches each stage kept, merged or dropped")):
+        sub = commands.add_parser(name, help=helptext)
+        sub.add_argument("--model", choices=["tiny-llava"], default="tiny-llava",
+                         help="a built-in random-weight model (4 layers, 36 visual tokens)")
+        sub.add_argument("--method", choices=list(METHODS), default="libra")
+        sub.add_argument("--ratio", type=float, default=0.5)
+        sub.add_argument("--layers", type=_layers, default=(1, 2), help="stage layers, e.g. 1,2")
+        sub.add_argument("--out", help="write here (diff: .html for the page, else text; show: the PNG)")
     args = parser.parse_args(argv)
-    shape = flops.preset(args.preset, args.visual_tokens)
-    print(flops.report(shape, args.method, args.ratio, args.layers, compensation=not args.no_compensation))
+    if args.command == "flops":
+        shape = flops.preset(args.preset, args.visual_tokens)
+        print(flops.report(shape, args.method, args.ratio, args.layers, compensation=not args.no_compensation))
+    elif args.command == "diff":
+        _write(args.out, _diff(args))
+    else:
+        _show(args)
+
+
+def _tiny_model_and_inputs():
+    from libra_fx.testing import synthetic_image, tiny_llava, tiny_llava_inputs
+
+    model = tiny_llava()
+    inputs = tiny_llava_inputs(model)
+    inputs["pixel_values"] = synthetic_image(model.config.vision_config.image_size)[None]
+    return model, inputs
+
+
+def _diff(args) -> str:
+    import torch
+
+    from libra_fx.inspect import diff
+
+    model, inputs = _tiny_model_and_inputs()
+    be = libra_fx.backend(args.ratio, args.layers, args.method, strict=True, compiler="eager")
+    with torch.no_grad():
+        torch.compile(model.forward, backend=be, fullgraph=True)(**inputs)
+    result = diff(be.last)
+    return result.html() if args.out and args.out.endswith(".html") else result.text()
+
+
+def _show(args) -> None:
+    from libra_fx.token_map import render, token_map, write_png
+
+    model, inputs = _tiny_model_and_inputs()
+    tmap = token_map(model, inputs, args.method, args.ratio, args.layers)
+    out = args.out or f"token_map_{args.method}.png"
+    write_png(out, render(tmap, inputs["pixel_values"][0]))
+    print(f"wrote {out}")
+
+
+def _write(path: str | None, text: str) -> None:
+    if path:
+        with open(path, "w") as f:
+            f.write(text)
+        print(f"wrote {path}")
+    else:
+        print(text, end="")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,23 @@ def assign_groups(hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Te
     return group, best
 
 
+PRUNED, COMPENSATION = -2, -1  # labels of tokens that join no target
+
+
+def prune_labels(hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Label ``i`` for target ``t_i``, ``PRUNED`` for every other token."""
+    own = torch.arange(targets.shape[1], device=targets.device).expand_as(targets)
+    return torch.full(hidden.shape[:2], PRUNED, device=hidden.device).scatter(1, targets, own)
+
+
+def igm_labels(hidden: torch.Tensor, targets: torch.Tensor, tau: float, merge_positives: bool = True) -> torch.Tensor:
+    """IGM membership: the target group of a positive token, ``COMPENSATION`` for a negative one."""
+    group, best = assign_groups(hidden, targets)
+    is_target = one_hot_targets(targets, hidden.shape[1])
+    positive = is_target | (best > tau) if merge_positives else is_target
+    return torch.where(positive, group, COMPENSATION)
+
+
 def _weighted_sum(hidden: torch.Tensor, logits: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
     """``Σ_j softmax_j(logits over members) · H[j]`` for a member mask ``[S, G, N]``."""
     weights = torch.softmax(logits[:, None, :].masked_fill(~member, float("-inf")), dim=-1)
@@ -59,19 +76,17 @@ def igm(
     ``compensation=False`` drops the compensation token (ablation ``igm_pos``, with ``τ = −∞``).
     """
     nt = targets.shape[1]
-    group, best = assign_groups(hidden, targets)
-    is_target = one_hot_targets(targets, hidden.shape[1])
-    positive = is_target | (best > tau) if merge_positives else is_target
+    labels = igm_labels(hidden, targets, tau, merge_positives)
     scale = alpha.mean(-1, keepdim=True) if eta == "mean" else torch.full_like(alpha[:, :1], float(eta))
     logits = alpha / scale
 
-    in_group = group[:, None, :] == torch.arange(nt, device=group.device)[None, :, None]
-    merged = _weighted_sum(hidden, logits, in_group & positive[:, None, :])
+    in_group = labels[:, None, :] == torch.arange(nt, device=labels.device)[None, :, None]
+    merged = _weighted_sum(hidden, logits, in_group)
     if not compensation:
         return merged
 
-    negative = ~positive
-    non_target = ~is_target
+    negative = labels == COMPENSATION
+    non_target = ~one_hot_targets(targets, hidden.shape[1])
     members = torch.where(
         negative.any(-1, keepdim=True),
         negative,

@@ -12,9 +12,11 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch.fx as fx
+from torch._logging import trace_structured
 
 from libra_fx import fx_utils
 from libra_fx.config import CompressionConfig
+from libra_fx.inspect import diff
 from libra_fx.passes import NothingToCompress, PassResult, RewriteContext, UnsupportedGraph, run_pipeline
 
 COMPILERS = ("inductor", "eager")
@@ -87,7 +89,13 @@ class LibraBackend:
                 raise UnsupportedGraph(message) from e
             warnings.warn(message, LibraFallbackWarning, stacklevel=2)
             return CompileRecord(False, str(e), before=gm)
-        return CompileRecord(True, "", passes, before=gm, after=ctx.gm)
+        record = CompileRecord(True, "", passes, before=gm, after=ctx.gm)
+        trace_structured(
+            "artifact",
+            metadata_fn=lambda: {"name": "libra_fx_graph_diff", "encoding": "string"},
+            payload_fn=lambda: diff(record).text(),
+        )
+        return record
 
     def _compile(self, gm: fx.GraphModule, example_inputs):
         if self.compiler == "eager":

@@ -14,10 +14,25 @@ layers are gathered by that source index::
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from libra_fx.methods import get_method
 from libra_fx.selectors import gather_rows, num_targets
+
+
+RECORDINGS: list[list[dict]] = []  # filled by eager runs inside ``recording()``
+
+
+@contextlib.contextmanager
+def recording():
+    """Collect each stage's targets and token labels (eagerly run graphs only, e.g. ``compiler="eager"``)."""
+    RECORDINGS.append([])
+    try:
+        yield RECORDINGS[-1]
+    finally:
+        RECORDINGS.pop()
 
 
 def visual_span_mask(placeholder_mask: torch.Tensor) -> torch.Tensor:
@@ -60,6 +75,8 @@ def compress_visual_tokens(
     weights = alpha.gather(1, where).reshape(b * k, n).float()
     targets = m.selector(weights, tokens, nt)
     replaced = m.compressor(tokens, weights, targets, tau=tau, eta=eta).to(hidden.dtype)
+    if RECORDINGS and not torch.compiler.is_compiling():
+        RECORDINGS[-1].append(dict(targets=targets, labels=m.labels(tokens, targets, tau), spans=k))
 
     at_target = spans.gather(1, targets).reshape(b, k * nt)  # input index each merged token sits at
     after_span = (spans[:, -1:] + carried)[:, :c].reshape(b, k * c)  # last carried comp token (or span end)

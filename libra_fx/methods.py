@@ -21,6 +21,7 @@ class Method:
     compressor: Callable[..., torch.Tensor]  # (hidden, alpha, targets, tau=, eta=) -> tokens
     compensation: bool  # whether each stage appends a compensation token per span
     summary: str
+    labels: Callable[..., torch.Tensor]  # (hidden, targets, tau) -> each token's target, or a compressors label
 
 
 def _by_alpha(select):
@@ -31,26 +32,33 @@ def _ignoring_tau_eta(compress):
     return lambda hidden, alpha, targets, tau, eta: compress(hidden, alpha, targets)
 
 
+def _groups(hidden, targets, tau):
+    return compressors.assign_groups(hidden, targets)[0]
+
+
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         Method("libra", _by_alpha(selectors.pti), compressors.igm, True,
-               "PTI targets + importance-informed grouped merging + compensation token"),
+               "PTI targets + importance-informed grouped merging + compensation token", compressors.igm_labels),
         Method("fastv", _by_alpha(selectors.top_alpha), _ignoring_tau_eta(compressors.prune), False,
-               "top-Nt by importance, the rest pruned"),
+               "top-Nt by importance, the rest pruned",
+               lambda hidden, targets, tau: compressors.prune_labels(hidden, targets)),
         Method("turbo", selectors.turbo, _ignoring_tau_eta(compressors.average), False,
-               "top-Nt by informativity (importance − redundancy), average merge"),
+               "top-Nt by informativity (importance − redundancy), average merge", _groups),
         Method("merge", _by_alpha(selectors.top_alpha), _ignoring_tau_eta(compressors.average), False,
-               "ablation: top-Nt by importance, average merge"),
+               "ablation: top-Nt by importance, average merge", _groups),
         Method("pti", _by_alpha(selectors.pti), _ignoring_tau_eta(compressors.average), False,
-               "ablation: PTI targets, average merge"),
+               "ablation: PTI targets, average merge", _groups),
         Method("igm_pos", _by_alpha(selectors.pti),
                lambda hidden, alpha, targets, tau, eta: compressors.igm(
                    hidden, alpha, targets, float("-inf"), eta, compensation=False), False,
-               "ablation: PTI + IGM with every non-target positive, no compensation token"),
+               "ablation: PTI + IGM with every non-target positive, no compensation token",
+               lambda hidden, targets, tau: compressors.igm_labels(hidden, targets, float("-inf"))),
         Method("igm_neg", _by_alpha(selectors.pti),
                functools.partial(compressors.igm, merge_positives=False), True,
-               "ablation: PTI + IGM with every non-target negative (one compensation token)"),
+               "ablation: PTI + IGM with every non-target negative (one compensation token)",
+               functools.partial(compressors.igm_labels, merge_positives=False)),
     )
 }
 

@@ -126,3 +126,16 @@ def tiny_llava_inputs(
             batch * images, 3, vision.image_size, vision.image_size, generator=gen
         ).to(dtype)
     return inputs
+
+
+def synthetic_image(size: int, seed: int = 0) -> torch.Tensor:
+    """A ``[3, size, size]`` picture — a soft gradient with three coloured discs — normalised
+    like CLIP inputs, so kept-token maps have something to show."""
+    gen = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    img = torch.stack([0.3 + 0.3 * xx, 0.35 + 0.2 * yy, 0.5 - 0.2 * xx])
+    for colour in ([0.9, 0.2, 0.2], [0.2, 0.8, 0.3], [0.95, 0.85, 0.1]):
+        cy, cx, r = (torch.rand(3, generator=gen) * torch.tensor([0.6, 0.6, 0.12]) + torch.tensor([0.2, 0.2, 0.1]))
+        disc = ((yy - cy) ** 2 + (xx - cx) ** 2) < r**2
+        img = torch.where(disc, torch.tensor(colour)[:, None, None], img)
+    return (img - 0.45) / 0.27
