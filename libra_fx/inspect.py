@@ -7,7 +7,7 @@
     print(libra_fx.inspect.diff(be.last).text())        # or .html() for a self-contained page
 
 Per group (a decoder layer, or ``<outside layers>``): op counts before → after, nodes added,
-nodes rewired (inputs that now come from inserted nodes), and shape changes. Stage lengths are
+removed and rewired (inputs that now come from inserted nodes), and shape changes. Stage lengths are
 named ``T0 = …, T1 = …`` so symbolic shapes read ``[1, s27, 64] → [1, T0, 64]``.
 """
 
@@ -48,12 +48,13 @@ class GroupDiff:
     ops_before: Counter = field(default_factory=Counter)
     ops_after: Counter = field(default_factory=Counter)
     added: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
     rewired: list[str] = field(default_factory=list)
     reshaped: list[str] = field(default_factory=list)
 
     @property
     def changed(self) -> bool:
-        return bool(self.added or self.rewired or self.reshaped)
+        return bool(self.added or self.removed or self.rewired or self.reshaped)
 
 
 @dataclass
@@ -74,6 +75,7 @@ class GraphDiff:
             out.append(f"## {g.name}: {sum(g.ops_before.values())} → {sum(g.ops_after.values())} ops"
                        + (f" ({counts})" if counts else ""))
             out += [f"  + {line}" for line in g.added]
+            out += [f"  - {line}" for line in g.removed]
             out += [f"  ~ {line}" for line in g.rewired]
             out += [f"  # {line}" for line in g.reshaped]
             out.append("")
@@ -81,7 +83,7 @@ class GraphDiff:
         return "\n".join(out) + "\n"
 
     def html(self) -> str:
-        colours = {"+": "#1a7f37", "~": "#9a6700", "#": "#57606a"}
+        colours = {"+": "#1a7f37", "-": "#cf222e", "~": "#9a6700", "#": "#57606a"}
         rows = []
         for line in self.text().splitlines():
             mark = line.strip()[:1]
@@ -131,4 +133,8 @@ def diff(record) -> GraphDiff:
         old_shape, new_shape = _shape(value(old)), shape(value(n))
         if old_shape and new_shape and old_shape != new_shape:
             g.reshaped.append(f"{n.name}: {old_shape} → {new_shape}")
+    kept = {n.name for n in record.after.graph.nodes}
+    for name, n in before.items():
+        if name not in kept:
+            groups[_group(n)].removed.append(f"{name} = {_target(n)}(...)")
     return GraphDiff(list(groups.values()), [(k, str(v)) for k, v in lengths], [str(p) for p in record.passes])
