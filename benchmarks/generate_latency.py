@@ -70,7 +70,6 @@ def main() -> None:
         ttft = seconds(lambda: run(1), args.repeats)
         total = seconds(lambda: run(args.new_tokens), args.repeats)
         rows.append((name, ttft, (total - ttft) / (args.new_tokens - 1), total, compile_s))
-        del model
 
     base = rows[0]
     print(f"\nLLaVA-shaped, random weights: {args.layers} layers, hidden {args.hidden}, 576 visual tokens, "

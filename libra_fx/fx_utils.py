@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+import re
 
 import torch
 import torch.fx as fx
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 SDPA = {torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention}
 SOFTMAX = {F.softmax, torch.softmax, "softmax"}
 MATMUL = {torch.matmul, operator.matmul, "matmul"}
+LAYER_PATH = re.compile(r"^(?P<prefix>.*?)\.?layers\.(?P<index>\d+)(?:\.|$)")  # "<prefix>.layers.<i>…"
 
 
 def module_path(node: fx.Node) -> str:

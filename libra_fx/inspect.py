@@ -14,23 +14,21 @@ named ``T0 = …, T1 = …`` so symbolic shapes read ``[1, s27, 64] → [1, T0, 
 from __future__ import annotations
 
 import html
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 
-from libra_fx.fx_utils import INSERTED, module_path, value
-from libra_fx.printing import _target
+from libra_fx.fx_utils import INSERTED, LAYER_PATH, module_path, value
+from libra_fx.printing import op_name
 
-LAYER = re.compile(r"^(?P<prefix>.*?)\.?layers\.(?P<index>\d+)(?:\.|$)")
 OUTSIDE = "<outside layers>"
 
 
 def _group(node: fx.Node) -> str:
     """The decoder layer a node belongs to; an inserted node belongs where its first input does."""
-    match = LAYER.match(module_path(node))
+    match = LAYER_PATH.match(module_path(node))
     if match:
         return f"{match['prefix']}.layers.{match['index']}".lstrip(".")
     if node.meta.get(INSERTED) and node.all_input_nodes:
@@ -95,10 +93,14 @@ class GraphDiff:
                 f"<body><pre style='font-family:monospace;font-size:13px'>\n{body}\n</pre></body></html>\n")
 
 
-def _length_names(record) -> list[tuple[str, object]]:
-    stages = [line for p in record.passes if p.name == "check_shapes" for line in p.matched]
-    found = re.findall(r"layer (\d+): ([^,]+)", stages[0].split("lengths after stages: ")[-1]) if stages else []
-    return [(f"T{i}", f"{expr}  (after layer {layer})") for i, (layer, expr) in enumerate(found)]
+def _stage_lengths(after: fx.GraphModule) -> list[tuple[str, object, str]]:
+    """``(name, length, layer)`` of each stage: the ``sym_size`` nodes the passes inserted, in order."""
+    lengths = []
+    for n in after.graph.nodes:
+        if n.meta.get(INSERTED) and n.target is torch.ops.aten.sym_size.int:
+            layer = LAYER_PATH.match(_group(n))
+            lengths.append((f"T{len(lengths)}", value(n), layer["index"] if layer else "?"))
+    return lengths
 
 
 def diff(record) -> GraphDiff:
@@ -106,35 +108,35 @@ def diff(record) -> GraphDiff:
     if not record.compressed:
         raise ValueError(f"this graph was not compressed: {record.reason}")
     before = {n.name: n for n in record.before.graph.nodes}
-    lengths = _length_names(record)
-    rename = [(definition.split("  (")[0], name) for name, definition in lengths]
+    lengths = _stage_lengths(record.after)
+    symbolic = [(str(length), name) for name, length, _ in lengths if isinstance(length, torch.SymInt)]
 
     def shape(v):
         s = _shape(v)
-        for expr, name in rename:
-            if s and not expr.isdigit():
-                s = s.replace(expr, name)
+        for expr, name in symbolic:
+            s = s and s.replace(expr, name)
         return s
 
     groups: dict[str, GroupDiff] = {}
     for n in record.before.graph.nodes:
-        groups.setdefault(_group(n), GroupDiff(_group(n))).ops_before[_target(n)] += 1
+        groups.setdefault(_group(n), GroupDiff(_group(n))).ops_before[op_name(n)] += 1
     for n in record.after.graph.nodes:
         g = groups.setdefault(_group(n), GroupDiff(_group(n)))
-        g.ops_after[_target(n)] += 1
+        g.ops_after[op_name(n)] += 1
         old = before.get(n.name)
         if n.meta.get(INSERTED) or old is None:
-            g.added.append(f"{n.name} = {_target(n)}({', '.join(a.name for a in n.all_input_nodes)})"
+            g.added.append(f"{n.name} = {op_name(n)}({', '.join(a.name for a in n.all_input_nodes)})"
                            f"  {shape(value(n)) or ''}".rstrip())
             continue
         new_inputs = [a.name for a in n.all_input_nodes]
         if new_inputs != [a.name for a in old.all_input_nodes] or str(n.args) != str(old.args):
-            g.rewired.append(f"{n.name}: {_target(n)}({', '.join(new_inputs)})")
+            g.rewired.append(f"{n.name}: {op_name(n)}({', '.join(new_inputs)})")
         old_shape, new_shape = _shape(value(old)), shape(value(n))
         if old_shape and new_shape and old_shape != new_shape:
             g.reshaped.append(f"{n.name}: {old_shape} → {new_shape}")
     kept = {n.name for n in record.after.graph.nodes}
     for name, n in before.items():
         if name not in kept:
-            groups[_group(n)].removed.append(f"{name} = {_target(n)}(...)")
-    return GraphDiff(list(groups.values()), [(k, str(v)) for k, v in lengths], [str(p) for p in record.passes])
+            groups[_group(n)].removed.append(f"{name} = {op_name(n)}(...)")
+    definitions = [(name, f"{length}  (after layer {layer})") for name, length, layer in lengths]
+    return GraphDiff(list(groups.values()), definitions, [str(p) for p in record.passes])

@@ -29,7 +29,8 @@ def _shape(node: fx.Node) -> str:
     return type(v).__name__ if v is not None else ""
 
 
-def _target(node: fx.Node) -> str:
+def op_name(node: fx.Node) -> str:
+    """A short name for what a node calls: ``.view`` for methods, ``sym_size`` for ``aten.sym_size.int``."""
     if node.op == "call_method":
         return f".{node.target}"
     name = getattr(node.target, "__name__", str(node.target))
@@ -38,7 +39,7 @@ def _target(node: fx.Node) -> str:
 
 def _window(graph: fx.Graph, layer: int) -> list[fx.Node]:
     nodes = list(graph.nodes)
-    first = next(i for i, n in enumerate(nodes) if n.meta.get(INSERTED) and _target(n) == "last_row_importance"
+    first = next(i for i, n in enumerate(nodes) if n.meta.get(INSERTED) and op_name(n) == "last_row_importance"
                  and re.search(rf"layers\.{layer}(\.|$)", module_path(nodes[i - 1])))
     nxt = re.compile(rf"layers\.{layer + 1}(\.|$)")
     last = max(i for i, n in enumerate(nodes) if i > first and nxt.search(module_path(n)))
@@ -66,7 +67,7 @@ def format_stage(gm: fx.GraphModule, layer: int) -> str:
     for n in shown:
         args = [repr(map_aggregate(a, name)) for a in n.args]
         args += [f"{k}={map_aggregate(v, name)!r}" for k, v in n.kwargs.items()]
-        lines.append(f"{names[n]} = {_target(n)}({', '.join(args)})  # {_shape(n)}")
+        lines.append(f"{names[n]} = {op_name(n)}({', '.join(args)})  # {_shape(n)}")
     header = [f"{label}: {_shape(node)}" for node, label in inputs.items()]
     return "\n".join(header + lines)
 

@@ -10,15 +10,12 @@ Reads, does not edit. In a Dynamo graph of LLaVA::
 
 from __future__ import annotations
 
-import re
-
 import torch.fx as fx
 
-from libra_fx.fx_utils import SDPA, SOFTMAX, concrete, descendants, module_path, value
+from libra_fx.fx_utils import LAYER_PATH, SDPA, SOFTMAX, concrete, descendants, module_path, value
 from libra_fx.passes import NothingToCompress, PassResult, RewriteContext, Stage, UnsupportedGraph
 from libra_fx.selectors import num_targets
 
-LAYER = re.compile(r"^(?P<prefix>.*?)\.?layers\.(?P<index>\d+)(?:\.|$)")
 SHAPE_KEEPING = {"to", "cat", "getitem", "reshape", "view", "flatten", "contiguous", "float", "type"}
 
 
@@ -79,7 +76,7 @@ def decoder_layers(graph: fx.Graph, visual: fx.Node) -> tuple[str, dict[int, lis
     downstream = descendants(visual)
     groups: dict[str, dict[int, list[fx.Node]]] = {}
     for node in graph.nodes:
-        match = LAYER.match(module_path(node))
+        match = LAYER_PATH.match(module_path(node))
         if match and node in downstream:
             groups.setdefault(match["prefix"], {}).setdefault(int(match["index"]), []).append(node)
     if not groups:
