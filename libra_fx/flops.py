@@ -12,8 +12,7 @@ import json
 from dataclasses import dataclass
 from importlib import resources
 
-from libra_fx.methods import get_method
-from libra_fx.selectors import num_targets
+from libra_fx.methods import visual_token_counts
 
 PRESETS = ("llava-1.5-7b", "llava-1.5-13b", "llava-next-8b")
 
@@ -48,16 +47,9 @@ def layer_flops(n: int, d: int, m: int) -> int:
 def visual_tokens_per_layer(shape: DecoderShape, method: str = "libra", ratio: float = 0.0,
                             layers: tuple[int, ...] = (), compensation: bool = True) -> list[int]:
     """Visual tokens each decoder layer sees; ``compensation=False`` leaves compensation tokens out."""
-    comp = int(get_method(method).compensation and compensation)
-    counts, n, stages_done = [], shape.visual_tokens, 0
-    kept = n
-    for layer in range(shape.num_hidden_layers):
-        counts.append(kept)
-        if ratio > 0 and layer in layers:
-            n = num_targets(n, ratio)
-            stages_done += 1
-            kept = n + comp * stages_done
-    return counts
+    stages = sorted(layer for layer in layers if layer < shape.num_hidden_layers) if ratio > 0 else []
+    after = visual_token_counts(shape.visual_tokens, ratio, len(stages), method, compensation)
+    return [([shape.visual_tokens] + after)[sum(layer > s for s in stages)] for layer in range(shape.num_hidden_layers)]
 
 
 def total_flops(shape: DecoderShape, **schedule) -> int:

@@ -69,12 +69,13 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-def visual_token_counts(n_visual: int, ratio: float, num_stages: int, method: str = "libra") -> list[int]:
-    """Visual tokens per span after each stage, compensation tokens included.
+def visual_token_counts(n_visual: int, ratio: float, num_stages: int, method: str = "libra",
+                        compensation: bool = True) -> list[int]:
+    """Visual tokens per span after each stage, compensation tokens included unless ``compensation=False``.
 
     ``visual_token_counts(576, 0.5, 3)`` → ``[289, 146, 75]`` (288+1, 144+2, 72+3).
     """
-    comp = int(get_method(method).compensation)
+    comp = int(get_method(method).compensation and compensation)
     counts, n = [], n_visual
     for stage in range(1, num_stages + 1):
         n = selectors.num_targets(n, ratio)
