@@ -50,14 +50,13 @@ def _model_eager_attention(model) -> object:
 
 def use_libra_attention(model) -> str:
     """Switch ``model`` to the ``libra|<its implementation>`` attention; returns the new name."""
-    base = model.config.text_config._attn_implementation if hasattr(model.config, "text_config") \
-        else model.config._attn_implementation
+    nested = hasattr(model.config, "text_config")  # a VLM: only its language model switches
+    base = (model.config.text_config if nested else model.config)._attn_implementation
     if base.startswith(PREFIX):
         return base
     name = PREFIX + base
     forward = _model_eager_attention(model) if base == "eager" else AttentionInterface._global_mapping[base]
     AttentionInterface.register(name, _wrap(forward))
     AttentionMaskInterface.register(name, AttentionMaskInterface._global_mapping[base])
-    model.set_attn_implementation({"text_config": name}) if hasattr(model.config, "text_config") \
-        else model.set_attn_implementation(name)
+    model.set_attn_implementation({"text_config": name} if nested else name)
     return name
