@@ -3,11 +3,12 @@
 from libra_fx.dynamo_backend import CompileRecord, LibraBackend, LibraFallbackWarning, backend
 from libra_fx.api import compile
 from libra_fx.config import CompressionConfig
-from libra_fx.methods import METHODS, visual_token_counts
+from libra_fx.methods import METHODS, VISION_METHODS, visual_token_counts
 from libra_fx.passes import UnsupportedGraph
 
 __all__ = [
     "METHODS",
+    "VISION_METHODS",
     "CompileRecord",
     "CompressionConfig",
     "LibraBackend",

@@ -24,16 +24,28 @@ from transformers.masking_utils import AttentionMaskInterface
 PREFIX = "libra|"
 
 
-def fit_mask_to_cache(mask: torch.Tensor | None, key: torch.Tensor) -> torch.Tensor | None:
-    """The first ``key.shape[-2]`` columns of a ``[B, h, q, kv]`` mask (left padding assumed)."""
-    if mask is None or mask.dim() != 4 or mask.shape[-1] == key.shape[-2]:
+def fit_mask_to_cache(mask: torch.Tensor | None, key: torch.Tensor, empty: torch.Tensor | None = None):
+    """The first ``key.shape[-2]`` columns of a ``[B, h, q, kv]`` (or ``[B, kv]``) mask, left padding
+    assumed. ``empty[b]`` (``[B]``) shifts sample ``b``'s columns right by that many masked
+    columns: the empty slots a batch of unequal visual-token counts put in front (see
+    :func:`libra_fx.layout.compress_visual_tokens`)."""
+    kv = key.shape[-2]
+    if mask is None or mask.dim() not in (2, 4) or mask.shape[-1] == kv:
         return mask
-    return mask[..., : key.shape[-2]]
+    if empty is None:
+        return mask[..., :kv]
+    column = torch.arange(kv, device=mask.device) - empty.to(mask.device)[:, None]  # [B, kv]
+    column = column.reshape(column.shape[0], *[1] * (mask.dim() - 2), kv)
+    shifted = mask.gather(-1, column.clamp_min(0).expand(*mask.shape[:-1], kv))
+    hidden = torch.zeros((), dtype=mask.dtype) if mask.dtype in (torch.bool, torch.long, torch.int) else \
+        torch.tensor(torch.finfo(mask.dtype).min, dtype=mask.dtype)
+    return torch.where(column >= 0, shifted, hidden.to(mask.device))
 
 
 def _wrap(forward):
-    def attention(module, query, key, value, attention_mask, *args, **kwargs):
-        return forward(module, query, key, value, fit_mask_to_cache(attention_mask, key), *args, **kwargs)
+    def attention(module, query, key, value, attention_mask, *args, libra_empty_slots=None, **kwargs):
+        empty = None if libra_empty_slots is None else libra_empty_slots[module.layer_idx]
+        return forward(module, query, key, value, fit_mask_to_cache(attention_mask, key, empty), *args, **kwargs)
 
     attention.__name__ = f"libra_{getattr(forward, '__name__', 'attention')}"
     return attention

@@ -11,7 +11,7 @@ import argparse
 
 import libra_fx
 from libra_fx import flops
-from libra_fx.methods import METHODS
+from libra_fx.methods import METHODS, VISION_METHODS
 
 
 def _layers(text: str) -> tuple[int, ...]:
@@ -24,23 +24,26 @@ def main(argv: list[str] | None = None) -> None:
     report = commands.add_parser("flops", help="FLOPs of the visual tokens (SPEC §7) for a model shape and schedule")
     report.add_argument("--preset", choices=flops.PRESETS, default="llava-1.5-7b")
     report.add_argument("--visual-tokens", type=int, help="override the preset's visual-token count")
-    report.add_argument("--method", choices=list(METHODS), default="libra")
+    report.add_argument("--method", choices=[*METHODS, *VISION_METHODS], default="libra")
     report.add_argument("--ratio", type=float, default=0.5)
     report.add_argument("--layers", type=_layers, help="stage layers, e.g. 7,15,23 (default: the paper's for the preset)")
     report.add_argument("--no-compensation", action="store_true", help="leave compensation tokens out of the count")
+    report.add_argument("--kept", type=int, help="prumerge / prumerge_plus: the kept tokens of a measured image "
+                        "(default: the typical count)")
     for name, helptext in (("diff", "the graph before and after the passes, by decoder layer"),
                            ("show", "a PNG of which image patches each stage kept, merged or dropped")):
         sub = commands.add_parser(name, help=helptext)
         sub.add_argument("--model", choices=["tiny-llava"], default="tiny-llava",
                          help="a built-in random-weight model (4 layers, 36 visual tokens)")
-        sub.add_argument("--method", choices=list(METHODS), default="libra")
+        sub.add_argument("--method", choices=[*METHODS, *VISION_METHODS], default="libra")
         sub.add_argument("--ratio", type=float, default=0.5)
         sub.add_argument("--layers", type=_layers, default=(1, 2), help="stage layers, e.g. 1,2")
         sub.add_argument("--out", help="write here (diff: .html for the page, else text; show: the PNG)")
     args = parser.parse_args(argv)
     if args.command == "flops":
         shape = flops.preset(args.preset, args.visual_tokens)
-        print(flops.report(shape, args.method, args.ratio, args.layers, compensation=not args.no_compensation))
+        print(flops.report(shape, args.method, args.ratio, args.layers, compensation=not args.no_compensation,
+                           kept=args.kept))
     elif args.command == "diff":
         _write(args.out, _diff(args))
     else:
@@ -76,6 +79,8 @@ def _show(args) -> None:
     tmap = token_map(model, inputs, args.method, args.ratio, args.layers)
     out = args.out or f"token_map_{args.method}.png"
     write_png(out, render(tmap, inputs["pixel_values"][0]))
+    if args.method in VISION_METHODS:
+        print(f"{args.method}: kept {int(tmap.targets[0].sum())} of {tmap.grid ** 2} patches")
     print(f"wrote {out}")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from libra_fx.methods import get_method
+from libra_fx.methods import get_method, is_vision_method
 
 
 @dataclass(frozen=True)
@@ -14,6 +14,10 @@ class CompressionConfig:
     ``layers``: 0-indexed decoder layers after which a stage compresses (ascending, distinct).
     ``method``: a name from :data:`libra_fx.METHODS`. ``tau``: cosine threshold of IGM.
     ``eta``: IGM softmax temperature, ``"mean"`` (mean importance of the span) or a positive float.
+
+    Vision-side methods (``prumerge``, ``prumerge_plus``, ``prumerge_fixed``) compress once, before
+    decoder layer 0: ``layers`` is ignored (stored as ``()``), and only ``prumerge_fixed`` reads
+    ``ratio`` (the fraction of patches removed, like the decoder-side methods).
     """
 
     ratio: float = 0.5
@@ -33,7 +37,8 @@ class CompressionConfig:
         if any(i < 0 for i in layers) or list(layers) != sorted(set(layers)):
             raise ValueError(f"layers must be distinct, non-negative and ascending, got {layers!r}")
         object.__setattr__(self, "layers", layers)
-        get_method(self.method)
+        if is_vision_method(get_method(self.method).name):
+            object.__setattr__(self, "layers", ())
         if not isinstance(self.tau, (int, float)) or math.isnan(self.tau):
             raise ValueError(f"tau must be a number, got {self.tau!r}")
         if self.eta != "mean" and (
@@ -44,6 +49,8 @@ class CompressionConfig:
     @property
     def active(self) -> bool:
         """``False`` when no stage runs (``ratio == 0`` or ``layers == ()``): the graph is left untouched."""
+        if is_vision_method(self.method):
+            return self.method != "prumerge_fixed" or self.ratio > 0
         return self.ratio > 0 and len(self.layers) > 0
 
     def check_layers(self, num_layers: int) -> None:

@@ -18,6 +18,7 @@ from libra_fx import fx_utils
 from libra_fx.config import CompressionConfig
 from libra_fx.inspect import diff
 from libra_fx.passes import NothingToCompress, PassResult, RewriteContext, UnsupportedGraph, run_pipeline
+from libra_fx.passes.insert_prumerge import SIDE_OUTPUTS
 
 COMPILERS = ("inductor", "eager")
 
@@ -58,6 +59,10 @@ class LibraBackend:
         self.compiler = compiler
         warn_on_compiled_generate()
         self.records: list[CompileRecord] = []
+        # samples with different visual-token counts in one batch: their decode steps need the
+        # per-layer empty-slot counts that only ``libra_fx.compile``'s forward passes in
+        self.ragged_batches = False
+        self.side_outputs = None  # extra outputs of the last compressed run (vision-side methods: source, valid)
         self.__name__ = "libra"
 
     @property
@@ -72,13 +77,29 @@ class LibraBackend:
     def __call__(self, gm: fx.GraphModule, example_inputs):
         record = self.rewrite(gm)
         self.records = self.records[-31:] + [record]
-        return self._compile(record.after if record.compressed else gm, example_inputs)
+        compiled = self._compile(record.after if record.compressed else gm, example_inputs)
+        extra = record.after.meta.get(SIDE_OUTPUTS, 0) if record.compressed else 0
+        return self._keep_side_outputs(compiled, extra) if extra else compiled
+
+    def _keep_side_outputs(self, compiled, extra: int):
+        """Run ``compiled``, store its last ``extra`` outputs in ``self.side_outputs`` (read by
+        ``libra_fx.vision_layout``) and hand Dynamo only the outputs it traced."""
+        boxed = getattr(compiled, "_boxed_call", False)
+
+        def run(*args):
+            out = compiled(*args)
+            self.side_outputs = tuple(out[-extra:])
+            return type(out)(out[:-extra]) if isinstance(out, tuple) else out[:-extra]
+
+        if boxed:
+            run._boxed_call = True
+        return run
 
     def rewrite(self, gm: fx.GraphModule) -> CompileRecord:
         """Run the pass pipeline on a copy of ``gm``; ``gm`` itself is left as it was."""
         if not self.config.active:
             return CompileRecord(False, "ratio=0 or layers=(): nothing to do")
-        ctx = RewriteContext(fx_utils.clone(gm), self.config)
+        ctx = RewriteContext(fx_utils.clone(gm), self.config, ragged_batches=self.ragged_batches)
         try:
             passes = run_pipeline(ctx)
         except NothingToCompress as e:

@@ -12,7 +12,8 @@ import json
 from dataclasses import dataclass
 from importlib import resources
 
-from libra_fx.methods import visual_token_counts
+from libra_fx.methods import is_vision_method, visual_token_counts
+from libra_fx.prumerge import TYPICAL_KEPT, capacity, kept_tokens
 
 PRESETS = ("llava-1.5-7b", "llava-1.5-13b", "llava-next-8b")
 
@@ -45,8 +46,15 @@ def layer_flops(n: int, d: int, m: int) -> int:
 
 
 def visual_tokens_per_layer(shape: DecoderShape, method: str = "libra", ratio: float = 0.0,
-                            layers: tuple[int, ...] = (), compensation: bool = True) -> list[int]:
-    """Visual tokens each decoder layer sees; ``compensation=False`` leaves compensation tokens out."""
+                            layers: tuple[int, ...] = (), compensation: bool = True,
+                            kept: int | None = None) -> list[int]:
+    """Visual tokens each decoder layer sees; ``compensation=False`` leaves compensation tokens out.
+
+    Vision-side methods (``prumerge``, ``prumerge_plus``, ``prumerge_fixed``) compress before layer 0:
+    every layer sees :func:`libra_fx.prumerge.kept_tokens` (``kept``: a measured count, else typical).
+    """
+    if is_vision_method(method):
+        return [kept_tokens(method, shape.visual_tokens, ratio, kept)] * shape.num_hidden_layers
     stages = sorted(layer for layer in layers if layer < shape.num_hidden_layers) if ratio > 0 else []
     after = visual_token_counts(shape.visual_tokens, ratio, len(stages), method, compensation)
     return [([shape.visual_tokens] + after)[sum(layer > s for s in stages)] for layer in range(shape.num_hidden_layers)]
@@ -58,18 +66,28 @@ def total_flops(shape: DecoderShape, **schedule) -> int:
 
 
 def report(shape: DecoderShape, method: str = "libra", ratio: float = 0.5, layers: tuple[int, ...] | None = None,
-           compensation: bool = True) -> str:
-    """A plain-text table: per-layer visual tokens and FLOPs, total, and ratio to the vanilla model."""
+           compensation: bool = True, kept: int | None = None) -> str:
+    """A plain-text table: per-layer visual tokens and FLOPs, total, and ratio to the vanilla model.
+
+    ``kept``: for ``prumerge`` / ``prumerge_plus``, the measured kept count of an image (default: typical).
+    """
     if layers is None:
         layers = shape.fastv_layers if method == "fastv" else shape.layers
     d, m = shape.hidden_size, shape.intermediate_size
-    counts = visual_tokens_per_layer(shape, method, ratio, tuple(layers), compensation)
+    counts = visual_tokens_per_layer(shape, method, ratio, tuple(layers), compensation, kept)
     vanilla = total_flops(shape)
     total = sum(layer_flops(n, d, m) for n in counts)
+    if is_vision_method(method):
+        n = shape.visual_tokens
+        how = ("measured" if kept is not None else "fixed ratio") if method == "prumerge_fixed" or kept is not None \
+            else f"typical: {TYPICAL_KEPT[method]:.1%} of the patches, pass kept= / --kept for a measured image"
+        schedule = (f"{method}, {n} → {counts[0]} visual tokens before layer 0 ({how}); libra-fx's graph holds "
+                    f"{capacity(method, n, ratio)} slots per image (padding masked)")
+    else:
+        schedule = (f"{method}, ratio {ratio}, stages after layers {tuple(layers)}"
+                    + ("" if compensation else " (compensation tokens not counted)"))
     lines = [f"{shape.name}: d={d}, m={m}, {shape.num_hidden_layers} layers, {shape.visual_tokens} visual tokens",
-             f"{method}, ratio {ratio}, stages after layers {tuple(layers)}"
-             + ("" if compensation else " (compensation tokens not counted)"),
-             "", "| layers | visual tokens | TFLOPs per layer |", "| --- | ---: | ---: |"]
+             schedule, "", "| layers | visual tokens | TFLOPs per layer |", "| --- | ---: | ---: |"]
     start = 0
     for i in range(1, len(counts) + 1):
         if i == len(counts) or counts[i] != counts[start]:

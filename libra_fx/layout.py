@@ -1,8 +1,8 @@
 """Sequence plumbing called from the inserted graph nodes: cut the visual spans out of a
 sequence, splice their compressed replacement in, and re-index everything that is per-token.
 
-A stage maps a sequence of length ``T`` to one of length ``T' = T − k·N + k·(Nt + c)`` (``k``
-spans of ``N`` tokens per sample, ``c`` = 1 with a compensation token). Every output token has a
+A stage maps a sequence of length ``T`` to one of length ``T' = T − Σ_k (N_k − Nt_k − c)`` (spans
+of ``N_k`` tokens per sample, ``c`` = 1 with a compensation token). Every output token has a
 *source*: the index, in the stage's input, of the token whose position it takes (SPEC §5) —
 itself for text, ``t_i`` for a merged target, the last span token (or the last carried
 compensation token) for a compensation token. RoPE tables, position ids and masks of the later
@@ -15,6 +15,7 @@ layers are gathered by that source index::
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -45,8 +46,7 @@ def compress_visual_tokens(
     alpha: torch.Tensor,
     span: torch.Tensor,
     *,
-    span_len: int,
-    spans_per_sample: int,
+    span_lens: tuple,
     carried: int,
     method: str,
     ratio: float,
@@ -55,68 +55,143 @@ def compress_visual_tokens(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One compression stage (SPEC §3–§5) → ``(hidden', span', source)``.
 
-    ``span`` marks the ``spans_per_sample × span_len`` compressible tokens of each sample (the
-    previous stage's merged targets; its compensation tokens are not part of it). ``carried`` is
-    the number of compensation tokens that earlier stages placed right after each span.
+    ``span`` marks the compressible tokens of each sample (the previous stage's merged targets;
+    its compensation tokens are not part of it). ``span_lens`` gives, per sample, the lengths of
+    its spans in sequence order — one row shared by every sample, or one row per sample.
+    ``carried`` is the number of compensation tokens that earlier stages placed right after each
+    span. Spans of one length are compressed as one batch.
+
+    When samples lose different numbers of tokens, the shorter ones are left-padded with
+    *empty slots* (``source = -1``): masked out as keys by :func:`gather_mask`, like padding.
     """
     m = get_method(method)
     b, t, d = hidden.shape
-    k, n = spans_per_sample, span_len
-    nt = num_targets(n, ratio)
     c = int(m.compensation)
-    where = torch.sort((~span).to(torch.uint8), dim=-1, stable=True).indices[:, : k * n]  # [B, k·N]
-    spans = where.reshape(b * k, n)
+    shared = len(span_lens) == 1
+    rows = span_lens * b if shared else span_lens
+    totals = [sum(row) for row in rows]
+    where = torch.sort((~span).to(torch.uint8), dim=-1, stable=True).indices  # span tokens first, in order
+    flat_hidden, flat_alpha = hidden.reshape(b * t, d), alpha.reshape(b * t)
+
+    counts = span.sum(-1)
+    groups, checks = [], [torch.stack([counts[i] == total for i, total in enumerate(totals)])]  # (a SymInt-safe tensor)
+    for n, units in _units_by_length(rows):
+        if shared:  # every sample holds these spans at the same ranks
+            index = torch.stack([where[:, s: s + n] for _, s in units[: len(units) // b]], 1).reshape(-1, n)
+        else:
+            index = torch.stack([where[i, s: s + n] for i, s in units])
+        owner = torch.tensor([i for i, _ in units], device=hidden.device)[:, None]
+        checks.append(index[:, -1] - index[:, 0] == n - 1)
+        nt = num_targets(n, ratio)
+        tokens, weights = flat_hidden[owner * t + index].float(), flat_alpha[owner * t + index].float()
+        targets = m.selector(weights, tokens, nt)
+        replaced = m.compressor(tokens, weights, targets, tau=tau, eta=eta).to(hidden.dtype)
+        if RECORDINGS and not torch.compiler.is_compiling():
+            RECORDINGS[-1].append(dict(targets=targets, labels=m.labels(tokens, targets, tau), spans=len(units) // b))
+        after = (index[:, -1:] + carried)[:, :c]  # last carried compensation token (or the span's end)
+        groups.append(dict(units=[i for i, _ in units], nt=nt, merged=replaced[:, :nt], comps=replaced[:, nt:],
+                           at_target=index.gather(1, targets), after=after))
     torch._assert_async(
-        (span.sum(-1) == k * n).all() & (spans[:, -1] - spans[:, 0] == n - 1).all(),
+        torch.cat([x.reshape(-1) for x in checks]).all(),
         "libra_fx: a sample does not hold the visual-token spans the graph was compiled for "
-        f"({k} contiguous span(s) of {n} tokens)",
+        f"(contiguous spans of {rows[0] if shared else rows} tokens)",
     )
-    tokens = gather_rows(hidden.float(), where).reshape(b * k, n, d)
-    weights = alpha.gather(1, where).reshape(b * k, n).float()
-    targets = m.selector(weights, tokens, nt)
-    replaced = m.compressor(tokens, weights, targets, tau=tau, eta=eta).to(hidden.dtype)
-    if RECORDINGS and not torch.compiler.is_compiling():
-        RECORDINGS[-1].append(dict(targets=targets, labels=m.labels(tokens, targets, tau), spans=k))
-
-    at_target = spans.gather(1, targets).reshape(b, k * nt)  # input index each merged token sits at
-    after_span = (spans[:, -1:] + carried)[:, :c].reshape(b, k * c)  # last carried comp token (or span end)
+    kept = [sum(g["nt"] + c for g in groups for u in g["units"] if u == i) for i in range(b)]
+    removed = [total - k for total, k in zip(totals, kept)]
+    fewest = _reduce(min, torch.sym_min, removed)
+    if shared:
+        extra_hidden, extra_key, extra_source, extra_merged = _assemble_shared(groups, b)
+    else:
+        empty = [r - fewest for r in removed]  # samples that lose more tokens get empty slots in front
+        extra_hidden, extra_key, extra_source, extra_merged = _assemble_per_sample(groups, b, d, empty, 4 * t + 4)
     ranks = torch.arange(t, device=hidden.device).expand(b, t)
-    dropped = torch.full_like(ranks, 4 * t + 4)
-    keys = torch.cat([torch.where(span, dropped, 2 * ranks), 2 * at_target, 2 * after_span + 1], dim=1)
-    order = torch.sort(keys, dim=-1, stable=True).indices[:, : t - k * n + k * (nt + c)]
+    keys = torch.cat([torch.where(span, 4 * t + 4, 2 * ranks), extra_key], dim=1)
+    order = torch.sort(keys, dim=-1, stable=True).indices[:, : t - fewest]
 
-    pool = torch.cat(
-        [hidden, replaced[:, :nt].reshape(b, k * nt, d), replaced[:, nt:].reshape(b, k * c, d)], dim=1
-    )
-    is_merged = torch.cat([torch.zeros_like(span), torch.ones_like(at_target, dtype=torch.bool),
-                           torch.zeros_like(after_span, dtype=torch.bool)], dim=1)
-    source = torch.cat([ranks, at_target, after_span], dim=1)
+    pool = torch.cat([hidden, extra_hidden], dim=1)
+    is_merged = torch.cat([torch.zeros_like(span), extra_merged], dim=1)
+    source = torch.cat([ranks, extra_source], dim=1)
     return gather_rows(pool, order), is_merged.gather(1, order), source.gather(1, order)
 
 
-def gather_tokens(x: torch.Tensor, source: torch.Tensor, dim: int) -> torch.Tensor:
+def _units_by_length(rows) -> list:
+    """``[(span length, [(sample, start rank), …]), …]`` in sample order; SymInt lengths are told
+    apart by identity (a SymInt is not hashable)."""
+    groups: dict = {}
+    for i, row in enumerate(rows):
+        start = 0
+        for n in row:
+            groups.setdefault(n if isinstance(n, int) else id(n), (n, []))[1].append((i, start))
+            start = start + n
+    return list(groups.values())
+
+
+def _reduce(plain, symbolic, values):
+    return plain(values) if all(isinstance(v, int) for v in values) else functools.reduce(symbolic, values)
+
+
+def _pieces(g):
+    """A group's new tokens as (hidden [G, k, D], key [G, k], source [G, k], merged? [G, k])."""
+    at, after = g["at_target"], g["after"]
+    return (torch.cat([g["merged"], g["comps"]], 1), torch.cat([2 * at, 2 * after + 1], 1),
+            torch.cat([at, after], 1), torch.cat([torch.ones_like(at, dtype=torch.bool),
+                                                  torch.zeros_like(after, dtype=torch.bool)], 1))
+
+
+def _assemble_shared(groups, b):
+    parts = [_pieces(g) for g in groups]
+    return tuple(torch.cat([p[j].reshape(b, -1, *p[j].shape[2:]) for p in parts], 1) for j in range(4))
+
+
+def _assemble_per_sample(groups, b, d, empty, dropped):
+    """Per sample: ``empty[i]`` empty slots (key -1: first), its spans' new tokens, then filler
+    (key ``dropped``: cut off) so that every sample has the same number of entries."""
+    parts = [_pieces(g) for g in groups]
+    per_sample = []
+    for i in range(b):
+        mine = [[p[j][torch.tensor([u == i for u in g["units"]])] for p, g in zip(parts, groups)] for j in range(4)]
+        per_sample.append([torch.cat([x.reshape(-1, *x.shape[2:]) for x in xs]) for xs in mine])
+    sizes = [e + x[0].shape[0] for e, x in zip(empty, per_sample)]
+    width = _reduce(max, torch.sym_max, sizes)
+    out = [[], [], [], []]
+    for (h, key, src, merged), e, size in zip(per_sample, empty, sizes):
+        fill = width - size
+        out[0].append(torch.cat([h.new_zeros(e, d), h, h.new_zeros(fill, d)]))
+        out[1].append(torch.cat([key.new_full((e,), -1), key, key.new_full((fill,), dropped)]))
+        out[2].append(torch.cat([src.new_full((e,), -1), src, src.new_full((fill,), -1)]))
+        out[3].append(torch.cat([merged.new_zeros(e), merged, merged.new_zeros(fill)]))
+    return tuple(torch.stack(x) for x in out)
+
+
+def gather_tokens(x: torch.Tensor, source: torch.Tensor, dim: int, batch_dim: int = 0) -> torch.Tensor:
     """Re-index a per-token tensor (RoPE cos/sin, position ids) along ``dim`` by ``source [B, T']``.
 
-    ``x`` has a leading batch dimension of 1 or ``B``.
+    ``x`` has a batch dimension of size 1 or ``B`` at ``batch_dim`` (``< dim``): 0 for ``[B, T, d]``
+    tables, 1 for M-RoPE's ``[3, B, T, d]``.
     """
     b, t_new = source.shape
+    source = source.clamp_min(0)  # empty slots (-1) read token 0; gather_mask hides them
+    x = x.movedim(batch_dim, 0)
     x = x.expand(b, *x.shape[1:])
     shape = [b] + [1] * (x.dim() - 1)
     shape[dim] = t_new
     index = source.reshape(shape).expand(*[t_new if i == dim else s for i, s in enumerate(x.shape)])
-    return x.gather(dim, index)
+    return x.gather(dim, index).movedim(0, batch_dim)
 
 
 def gather_mask(mask: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     """Re-index a ``[B|1, h, T, T]`` attention mask to ``[B, h, T', T']``, causal in the new order.
 
-    Bool masks stay bool; additive float masks keep their dtype and use its minimum for
-    the newly forbidden entries.
+    Empty slots (``source = -1``) are hidden from every query and see only themselves. Bool masks
+    stay bool; additive float masks keep their dtype and use its minimum for forbidden entries.
     """
     rows = gather_tokens(mask, source, 2)
     both = gather_tokens(rows, source, 3)
     t_new = source.shape[1]
     causal = torch.ones(t_new, t_new, dtype=torch.bool, device=mask.device).tril()
+    empty = (source < 0)[:, None]  # [B, 1, T']
+    allowed = causal & ~empty[..., None, :]
+    alone = torch.eye(t_new, dtype=torch.bool, device=mask.device) & empty[..., None]  # an empty slot's own entry
     if mask.dtype == torch.bool:
-        return both & causal
-    return both.masked_fill(~causal, torch.finfo(mask.dtype).min)
+        return both & allowed | alone
+    return both.masked_fill(~allowed, torch.finfo(mask.dtype).min).masked_fill(alone, 0)

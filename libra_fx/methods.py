@@ -1,6 +1,9 @@
 """The compression methods of SPEC §6: each is a selector plus a compressor.
 
-``PruMerge`` acts on the vision tower instead and is not listed here.
+:data:`METHODS` holds the decoder-side methods (a stage after a decoder layer).
+:data:`VISION_METHODS` holds the vision-side ones (PruMerge, PruMerge+ and a fixed-ratio variant),
+which compress once where the image features enter the language model (:mod:`libra_fx.prumerge`);
+``get_method`` accepts both.
 """
 
 from __future__ import annotations
@@ -63,10 +66,39 @@ METHODS: dict[str, Method] = {
 }
 
 
-def get_method(name: str) -> Method:
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")
-    return METHODS[name]
+@dataclass(frozen=True)
+class VisionMethod:
+    """A method that compresses once, at the vision tower's output (before decoder layer 0)."""
+
+    name: str
+    adaptive: bool  # the kept count depends on the image (held in padded slots)
+    summary: str
+    compensation: bool = False  # no compensation token (read by the decoder-side passes, which have no stage here)
+
+
+VISION_METHODS: dict[str, VisionMethod] = {
+    m.name: m
+    for m in (
+        VisionMethod("prumerge", True, "PruMerge: [CLS]-attention IQR outliers, each merged with its 32 nearest patches"),
+        VisionMethod("prumerge_plus", True,
+                     "PruMerge+: IQR outliers + spatially uniform samples (about 25 %), merged alike"),
+        VisionMethod("prumerge_fixed", False,
+                     "PruMerge with a fixed budget: the Nt most [CLS]-attended patches, merged alike"),
+    )
+}
+
+
+def get_method(name: str) -> Method | VisionMethod:
+    if name in METHODS:
+        return METHODS[name]
+    if name in VISION_METHODS:
+        return VISION_METHODS[name]
+    raise ValueError(f"unknown method {name!r}; valid methods: {', '.join([*METHODS, *VISION_METHODS])}")
+
+
+def is_vision_method(name: str) -> bool:
+    """Whether ``name`` compresses at the vision tower's output instead of after decoder layers."""
+    return name in VISION_METHODS
 
 
 def visual_token_counts(n_visual: int, ratio: float, num_stages: int, method: str = "libra",
@@ -75,6 +107,8 @@ def visual_token_counts(n_visual: int, ratio: float, num_stages: int, method: st
 
     ``visual_token_counts(576, 0.5, 3)`` → ``[289, 146, 75]`` (288+1, 144+2, 72+3).
     """
+    if is_vision_method(method):
+        raise ValueError(f"{method} compresses once, before the decoder: see libra_fx.prumerge.kept_tokens")
     comp = int(get_method(method).compensation and compensation)
     counts, n = [], n_visual
     for stage in range(1, num_stages + 1):

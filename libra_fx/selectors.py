@@ -6,21 +6,23 @@ All functions are batched over spans: ``alpha`` is ``[S, N]`` (importance of the
 
 from __future__ import annotations
 
-import math
 from fractions import Fraction
 
 import torch
-import torch.nn.functional as F
 
 
-def num_targets(n: int, ratio: float) -> int:
+def num_targets(n, ratio: float):
     """``Nt = clamp(round(N·(1−R)), 1, N)``; ``round`` is half-up (``2.5 → 3``).
 
     ``R`` is read as the decimal it prints as, so ``15·(1−0.9)`` is exactly 1.5 (→ 2), not the
-    binary float ``1.4999999999999996``.
+    binary float ``1.4999999999999996``. ``n`` may be a SymInt (images of any size): the result
+    is then a SymInt too, computed in integers as ``floor((2·N·p + q) / 2q)`` for ``1 − R = p/q``.
     """
-    kept = n * (1 - Fraction(repr(float(ratio))))
-    return min(max(math.floor(kept + Fraction(1, 2)), 1), n)
+    keep = 1 - Fraction(repr(float(ratio)))
+    kept = (2 * n * keep.numerator + keep.denominator) // (2 * keep.denominator)
+    if isinstance(n, int):
+        return min(max(kept, 1), n)
+    return torch.sym_min(torch.sym_max(kept, 1), n)
 
 
 def pti(alpha: torch.Tensor, nt: int) -> torch.Tensor:
@@ -76,4 +78,5 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def one_hot_targets(targets: torch.Tensor, n: int) -> torch.Tensor:
     """``[S, Nt]`` ranks → ``[S, N]`` bool mask of the targets."""
-    return F.one_hot(targets, n).sum(1).bool()
+    mask = torch.zeros(targets.shape[0], n, dtype=torch.bool, device=targets.device)
+    return mask.scatter(1, targets, True)  # (one_hot would specialise a symbolic ``n``)

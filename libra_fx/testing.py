@@ -139,3 +139,123 @@ def synthetic_image(size: int, seed: int = 0) -> torch.Tensor:
         disc = ((yy - cy) ** 2 + (xx - cx) ** 2) < r**2
         img = torch.where(disc, torch.tensor(colour)[:, None, None], img)
     return (img - 0.45) / 0.27
+
+
+# --------------------------------------------------------------------------------------------
+# Qwen2-VL / Qwen2.5-VL (M-RoPE, images of any size, video) and LLaVA-NeXT (any-resolution tiles)
+# --------------------------------------------------------------------------------------------
+
+QWEN_IMAGE_ID, QWEN_VIDEO_ID, QWEN_VISION_START, QWEN_VISION_END = 120, 121, 122, 123
+
+
+def _qwen_text_config(num_layers: int, attn: str) -> dict:
+    return dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+                pad_token_id=PAD_TOKEN_ID, bos_token_id=1, eos_token_id=2)
+
+
+def tiny_qwen2_vl(version: str = "2", seed: int = 0, num_layers: int = 4, attn: str = "sdpa",
+                  dtype: torch.dtype = torch.float32):
+    """A random-weight Qwen2-VL (``version="2"``) or Qwen2.5-VL (``"2.5"``): 2-layer tower with
+    patch 4 and 2×2 merging (an ``h × w`` patch grid gives ``h·w/4`` visual tokens), and a
+    4-layer language model with M-RoPE (sections 2, 3, 3 of a 16-wide head)."""
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
+                              Qwen2VLForConditionalGeneration)
+
+    common = dict(depth=2, num_heads=2, patch_size=4, spatial_merge_size=2, temporal_patch_size=2)
+    if version == "2":
+        vision = dict(common, embed_dim=32, hidden_size=64, mlp_ratio=2)
+        config_class, model_class = Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    elif version == "2.5":
+        vision = dict(common, hidden_size=32, out_hidden_size=64, intermediate_size=64, window_size=16,
+                      fullatt_block_indexes=[1])
+        config_class, model_class = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    else:
+        raise ValueError(f"version must be '2' or '2.5', got {version!r}")
+    config = config_class(text_config=_qwen_text_config(num_layers, attn), vision_config=vision,
+                          image_token_id=QWEN_IMAGE_ID, video_token_id=QWEN_VIDEO_ID,
+                          vision_start_token_id=QWEN_VISION_START, vision_end_token_id=QWEN_VISION_END,
+                          attn_implementation=attn)
+    torch.manual_seed(seed)
+    model = model_class(config).eval().to(dtype)
+    with torch.no_grad():
+        model(**tiny_qwen2_vl_inputs(model))
+    return model
+
+
+def tiny_qwen2_vl_inputs(model, batch: int = 1, grid: tuple[int, int] = (8, 8), frames: int = 0,
+                         prefix: int = 5, suffix: int = 6, pad: tuple[int, ...] = (), seed: int = 0) -> dict:
+    """Prompts ``[pad] prefix <vision_start> [visual tokens] <vision_end> suffix`` for a tiny Qwen2-VL.
+
+    ``grid=(h, w)`` is the patch grid of each image (``h·w/4`` tokens); ``frames > 0`` feeds a video
+    of that many frames instead (``frames/2 · h·w/4`` tokens, one span). ``pad[b]`` left-pads sample b.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    vision = model.config.vision_config
+    h, w = grid
+    t = max(frames // vision.temporal_patch_size, 1) if frames else 1
+    n = t * h * w // vision.spatial_merge_size**2
+    token = QWEN_VIDEO_ID if frames else QWEN_IMAGE_ID
+    pad = tuple(pad) + (0,) * (batch - len(pad))
+    width = max(pad)
+    rows = [torch.cat([torch.full((p,), PAD_TOKEN_ID), torch.randint(3, 100, (prefix + width - p,), generator=gen),
+                       torch.tensor([QWEN_VISION_START]), torch.full((n,), token), torch.tensor([QWEN_VISION_END]),
+                       torch.randint(3, 100, (suffix,), generator=gen)]) for p in pad]
+    ids = torch.stack(rows)
+    patch = 3 * vision.temporal_patch_size * vision.patch_size**2
+    dtype = next(model.parameters()).dtype
+    pixels = torch.randn(batch * t * h * w, patch, generator=gen).to(dtype)
+    thw = torch.tensor([[t, h, w]] * batch)
+    inputs = dict(input_ids=ids, attention_mask=(ids != PAD_TOKEN_ID).long(),
+                  mm_token_type_ids=torch.where(ids == token, 2 if frames else 1, 0).int())
+    if frames:
+        inputs.update(pixel_values_videos=pixels, video_grid_thw=thw)
+    else:
+        inputs.update(pixel_values=pixels, image_grid_thw=thw)
+    return inputs
+
+
+def tiny_llava_next(seed: int = 0, num_layers: int = 4, attn: str = "sdpa", dtype: torch.dtype = torch.float32):
+    """A random-weight LLaVA-NeXT: 16-px base tiles of 4×4 patches, any-resolution grid pinpoints
+    up to 32×32, an ``image_newline`` token after each row of the tiled feature map."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    base = tiny_llava_config(num_layers=num_layers, image_size=16, patch_size=4, attn=attn)
+    config = LlavaNextConfig(vision_config=base.vision_config, text_config=base.text_config,
+                             image_token_id=IMAGE_TOKEN_ID, pad_token_id=PAD_TOKEN_ID,
+                             image_grid_pinpoints=[[16, 32], [32, 16], [32, 32]], attn_implementation=attn)
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config).eval().to(dtype)
+    with torch.no_grad():
+        model(**tiny_llava_next_inputs(model))
+    return model
+
+
+def tiny_llava_next_inputs(model, batch: int = 1, image_size: tuple[int, int] = (32, 24), prefix: int = 5,
+                           suffix: int = 7, pad: tuple[int, ...] = (), seed: int = 0) -> dict:
+    """Prompts ``[pad] prefix [image tokens] suffix``; every image has ``image_size`` (h, w) pixels,
+    so its token count (tiles + newlines) is what the model's own feature code yields for it."""
+    gen = torch.Generator().manual_seed(seed)
+    tiles = 1 + len(_anyres_tiles(model, image_size))
+    side = model.config.vision_config.image_size
+    dtype = next(model.parameters()).dtype
+    pixels = torch.randn(batch, tiles, 3, side, side, generator=gen).to(dtype)
+    sizes = torch.tensor([list(image_size)] * batch)
+    with torch.no_grad():
+        n = model.model.get_image_features(pixels[:1], sizes[:1]).pooler_output[0].shape[0]
+    pad = tuple(pad) + (0,) * (batch - len(pad))
+    width = max(pad)
+    rows = [torch.cat([torch.full((p,), PAD_TOKEN_ID), torch.randint(1, 100, (prefix + width - p,), generator=gen),
+                       torch.full((n,), IMAGE_TOKEN_ID), torch.randint(1, 100, (suffix,), generator=gen)])
+            for p in pad]
+    ids = torch.stack(rows)
+    return dict(input_ids=ids, attention_mask=(ids != PAD_TOKEN_ID).long(), pixel_values=pixels, image_sizes=sizes)
+
+
+def _anyres_tiles(model, image_size):
+    from transformers.image_processing_utils import select_best_resolution
+
+    side = model.config.vision_config.image_size
+    best_h, best_w = select_best_resolution(tuple(image_size), model.config.image_grid_pinpoints)
+    return [(i, j) for i in range(best_h // side) for j in range(best_w // side)]

@@ -44,7 +44,7 @@ class Stage:
     layer: int
     layer_nodes: list[fx.Node]  # the nodes traced inside decoder layer ``layer``
     layer_output: fx.Node  # hidden states leaving it
-    span_len: int  # visual tokens per span entering the stage
+    span_lens: tuple  # visual tokens of each span of a sample entering the stage: ints or sym_size nodes
     attention: Any = None  # passes.insert_importance.AttentionSite
     importance: fx.Node | None = None
     hidden: fx.Node | None = None  # compressed hidden states
@@ -60,8 +60,9 @@ class RewriteContext:
     config: CompressionConfig
     num_layers: int = 0
     visual_mask: fx.Node | None = None  # the model's [B, T(, 1)] image-placeholder mask
-    spans_per_sample: int = 1
     batch: Any = None
+    ragged_batches: bool = False  # whether samples may hold different visual-token counts
+    mrope: bool = False  # 3-D (M-RoPE) position ids: per-token tables are [3, B, T, ...]
     seq_len: Any = None  # the input sequence length: int, or SymInt when symbolic
     derived: dict[fx.Node, Any] = field(default_factory=dict)  # inserted per-token nodes → their kind
     stages: list[Stage] = field(default_factory=list)
@@ -72,6 +73,7 @@ from libra_fx.passes import (  # noqa: E402  (the passes import the classes abov
     check_shapes,
     insert_compression,
     insert_importance,
+    insert_prumerge,
     locate_decoder,
     rewire_sequence,
 )
@@ -80,6 +82,7 @@ PIPELINE = (
     locate_decoder.run,  # decoder layers, visual-token mask, span length, layer outputs
     insert_importance.run,  # one 1×T attention row per stage layer (hybrid attention)
     insert_compression.run,  # selector + compressor node after each stage layer
+    insert_prumerge.run,  # vision-side methods only: PruMerge stage where the image features enter
     rewire_sequence.run,  # later layers see the shorter sequence: hidden, RoPE, masks, lengths
     check_shapes.run,  # fake-tensor propagation proves every later shape took the new length
 )

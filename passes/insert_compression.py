@@ -4,7 +4,7 @@
 
     hidden_states_33 = hidden_states_29 + down_proj_1            # output of layer L
   + stage = compress_visual_tokens(hidden_states_33, importance, span,
-  +                                span_len=36, spans_per_sample=1, carried=0,
+  +                                span_lens=((36,),), carried=0,
   +                                method='libra', ratio=0.5, tau=0.7, eta='mean')
   + hidden = stage[0]; span_1 = stage[1]; source = stage[2]; length = sym_size(hidden, 1)
 
@@ -17,7 +17,7 @@ import operator
 
 import torch
 
-from libra_fx.fx_utils import call
+from libra_fx.fx_utils import call, value
 from libra_fx.layout import compress_visual_tokens, visual_span_mask
 from libra_fx.methods import get_method
 from libra_fx.passes import PassResult, RewriteContext
@@ -35,18 +35,18 @@ def run(ctx: RewriteContext) -> PassResult:
                 span = call(graph, visual_span_mask, ctx.visual_mask)
             node = call(
                 graph, compress_visual_tokens, stage.layer_output, stage.importance, span,
-                span_len=stage.span_len, spans_per_sample=ctx.spans_per_sample,
-                carried=i * compensation, method=cfg.method, ratio=cfg.ratio, tau=cfg.tau, eta=cfg.eta,
+                span_lens=stage.span_lens, carried=i * compensation, method=cfg.method, ratio=cfg.ratio, tau=cfg.tau, eta=cfg.eta,
             )
             stage.hidden = call(graph, operator.getitem, node, 0)
             stage.span = call(graph, operator.getitem, node, 1)
             stage.source = call(graph, operator.getitem, node, 2)
             stage.new_len = call(graph, torch.ops.aten.sym_size.int, stage.hidden, 1)
         span = stage.span
-        kept = num_targets(stage.span_len, cfg.ratio)
+        sizes = [value(n) if isinstance(n, torch.fx.Node) else n for n in stage.span_lens[0]]
         result.matched.append(
-            f"layer {stage.layer}: {cfg.method} {stage.span_len} → {kept}"
-            + (f" + {i + 1} compensation" if compensation else "")
+            f"layer {stage.layer}: {cfg.method} "
+            + ", ".join(f"{n} → {num_targets(n, cfg.ratio)}" for n in sizes)
+            + (f" (+ {i + 1} compensation)" if compensation else "")
             + " tokens per span"
         )
     return result

@@ -5,7 +5,8 @@ outside the region are rewired by what they are::
 
     hidden states of layer L   → compressed hidden states
     sequence length T          → sym_size(hidden', 1)      (SymInt, or literal ints when static)
-    [.., T, ..] per-token data → gather_tokens(x, source, dim)   (RoPE cos/sin, position ids)
+    [.., T, ..] per-token data → gather_tokens(x, source, dim, batch_dim)  (RoPE cos/sin, position ids,
+                                  M-RoPE's [3, B, T, d] tables too)
     [.., T, T] attention mask  → gather_mask(mask, source)      (causal in the new order)
     parameters, buffers, anything without T → unchanged
 
@@ -37,7 +38,7 @@ def _mentions(x, symbols) -> bool:
 
 
 def classify(ctx: RewriteContext, node: fx.Node):
-    """``LENGTH``, ``MASK``, ``("tokens", dim)`` or ``KEEP`` for an input from outside a region."""
+    """``LENGTH``, ``MASK``, ``("tokens", dim, batch_dim)`` or ``KEEP`` for an input from outside a region."""
     if node in ctx.derived:
         return ctx.derived[node]
     if node.meta.get(INSERTED):
@@ -61,11 +62,18 @@ def classify(ctx: RewriteContext, node: fx.Node):
         raise UnsupportedGraph(f"{node.name} has shape {shape}, derived from the sequence length")
     if not seq_dims:
         return KEEP
-    batch_ok = len(shape) >= 2 and (is_size_like(shape[0], 1) or is_size_like(shape[0], ctx.batch))
-    if batch_ok and seq_dims == [len(shape) - 2, len(shape) - 1] and len(shape) == 4:
+    def batch_like(dim):
+        return is_size_like(shape[dim], 1) or is_size_like(shape[dim], ctx.batch)
+
+    if len(shape) == 4 and seq_dims == [2, 3] and batch_like(0):
         return MASK
-    if batch_ok and len(seq_dims) == 1 and seq_dims[0] >= 1:
-        return ("tokens", seq_dims[0])
+    if len(seq_dims) == 1 and seq_dims[0] >= 1:
+        dim = seq_dims[0]
+        mrope = ctx.mrope and dim >= 2 and shape[0] == 3 and batch_like(dim - 1)
+        if mrope or (dim >= 2 and batch_like(dim - 1) and not batch_like(0)):
+            return ("tokens", dim, dim - 1)  # M-RoPE: [3, B, T, d] cos/sin, [3, B, T] position ids
+        if batch_like(0):
+            return ("tokens", dim, 0)
     raise UnsupportedGraph(f"{node.name} of shape {shape} is per-token data the pass cannot re-index")
 
 
@@ -80,7 +88,7 @@ def _replacement(ctx: RewriteContext, stage: Stage, node: fx.Node, kind, made: d
             if kind == MASK:
                 made[node] = call(graph, gather_mask, node, stage.source)
             else:
-                made[node] = call(graph, gather_tokens, node, stage.source, kind[1])
+                made[node] = call(graph, gather_tokens, node, stage.source, *kind[1:])
         ctx.derived[made[node]] = kind
     return made[node]
 

@@ -1,9 +1,13 @@
 """Independent, slow, eager reference ("oracle") for the token-compression contract.
 
 Written straight from ``SPEC.md`` (sections 1-6) without importing anything from ``libra_fx``
-(other than ``libra_fx.testing`` in the tests). It drives a ``LlavaForConditionalGeneration``
-by hand: it embeds the tokens, scatters the image features, and calls every decoder layer itself
-with explicit position ids, explicit RoPE cos/sin and an explicit 4-D additive attention mask.
+(other than ``libra_fx.testing`` in the tests). It drives a ``LlavaForConditionalGeneration``,
+``LlavaNextForConditionalGeneration``, ``Qwen2VLForConditionalGeneration`` or
+``Qwen2_5_VLForConditionalGeneration`` by hand: it embeds the tokens, scatters the image (or
+video) features, and calls every decoder layer itself with explicit position ids, explicit RoPE
+cos/sin and an explicit 4-D additive attention mask. What differs between the families (how to
+get the visual features, the position ids of the input, 1-D RoPE or M-RoPE) lives in a small
+adapter (:class:`_Family`, :class:`_MRopeFamily`); the driver and the token maths are shared.
 After each compression layer it computes the importance alpha from that layer's own modules and
 rewrites the sequence with plain Python loops over samples, spans and targets.
 
@@ -24,11 +28,28 @@ Decisions taken where SPEC leaves room (see also the report / README):
 * Every sample of a batch must end up with the same compressed length (true whenever every
   sample has spans of the same lengths, as ``tiny_llava_inputs`` builds); otherwise ValueError.
 * ``layers`` must be strictly increasing and inside ``[0, num_layers)``.
+
+Model families:
+
+* A visual token is a placeholder position that the model scatters vision features into
+  (``image_token_id``; for Qwen2-VL also ``video_token_id`` when video features are given). A span
+  is a contiguous run of them. LLaVA-NeXT: the ``image_newline`` rows are features the model
+  scatters into placeholders, so they are part of the span (the lead's decision).
+* Qwen2-VL / Qwen2.5-VL (M-RoPE): a position id is a triple (t, h, w). The input's triples are
+  the model's own ``get_rope_index`` (with the attention mask, as both ``forward`` and ``generate``
+  call it), so padding sits at (0, 0, 0) and each sample's positions ignore its padding. A merged
+  token keeps its target's triple; a compensation token takes the triple of its span's last input
+  token. cos/sin come from the model's ``rotary_emb`` fed the [3, B, T] ids of the current
+  sequence. Decode step ``t`` uses the last prompt token's triple ``+ 1 + t`` in every component
+  (what ``generate`` does: ``position_ids[..., -1:] + 1``, i.e. text positions + ``rope_deltas``
+  of the full uncompressed prompt).
+* LLaVA-NeXT positions are LLaVA's (``arange`` in ``forward``, the mask cumsum in ``generate``).
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from fractions import Fraction
 
 import torch
@@ -248,27 +269,25 @@ def _build_mask(toks: list[list[_Tok]], dtype: torch.dtype) -> torch.Tensor:
     B = len(toks)
     T = len(toks[0])
     neg = torch.finfo(dtype).min
-    mask = torch.full((B, 1, T, T), neg, dtype=dtype)
-    for b in range(B):
-        for i in range(T):
-            for j in range(i + 1):
-                if toks[b][j].valid:
-                    mask[b, 0, i, j] = 0.0
-    return mask
+    rows = [[[0.0 if j <= i and toks[b][j].valid else neg for j in range(T)] for i in range(T)] for b in range(B)]
+    return torch.tensor(rows, dtype=dtype).view(B, 1, T, T)
 
 
 def _position_ids(toks: list[list[_Tok]]) -> torch.Tensor:
-    return torch.tensor([[t.pos for t in row] for row in toks], dtype=torch.long)
+    """[B, T] for integer positions; [3, B, T] when positions are M-RoPE triples."""
+    ids = torch.tensor([[t.pos for t in row] for row in toks], dtype=torch.long)
+    return ids.permute(2, 0, 1).contiguous() if ids.dim() == 3 else ids
 
 
-def _importance(layer, h_in: torch.Tensor, mask: torch.Tensor, cos, sin, toks) -> list[list[float]]:
+def _importance(layer, h_in: torch.Tensor, mask: torch.Tensor, cos, sin, toks,
+                apply_rope=apply_rotary_pos_emb) -> list[list[float]]:
     """SPEC §2: last-query attention row of ``layer``, mean over heads, float32. [B][T]."""
     attn = layer.self_attn
     x = layer.input_layernorm(h_in)
     B, T, _ = x.shape
     q = attn.q_proj(x).view(B, T, -1, attn.head_dim).transpose(1, 2)
-    q, _ = apply_rotary_pos_emb(q, q, cos, sin)
-    k, _ = _layer_kv(layer, h_in, cos, sin)
+    q, _ = apply_rope(q, q, cos, sin)
+    k, _ = _layer_kv(layer, h_in, cos, sin, apply_rope)
     n_heads, n_kv = q.shape[1], k.shape[1]
     k = k.repeat_interleave(n_heads // n_kv, dim=1)  # GQA: query head h uses kv head h // groups
     out = []
@@ -320,29 +339,34 @@ def _compress_sample(method, row: list[_Tok], alpha: list[float], H: torch.Tenso
     return new_toks, torch.stack(new_rows)
 
 
-def _embed(model, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
-    embeds = model.get_input_embeddings()(input_ids)
-    image_id = model.config.image_token_id
-    if pixel_values is None or not bool((input_ids == image_id).any()):
-        return embeds
-    out = model.model.get_image_features(pixel_values=pixel_values, return_dict=True)
+def _scatter(embeds: torch.Tensor, input_ids: torch.Tensor, token_id: int, feats: torch.Tensor, what: str) -> torch.Tensor:
+    """Write ``feats`` rows, in order, into the positions of ``token_id`` (row-major), by hand."""
+    n = 0
+    B, T = input_ids.shape
+    for b in range(B):
+        for t in range(T):
+            if int(input_ids[b, t]) == token_id:
+                if n >= feats.shape[0]:
+                    raise ValueError(f"more {what} tokens than {what} features ({feats.shape[0]})")
+                embeds[b, t] = feats[n]
+                n += 1
+    if n != feats.shape[0]:
+        raise ValueError(f"{n} {what} tokens but {feats.shape[0]} {what} features")
+    return embeds
+
+
+def _flat_features(out, dtype) -> torch.Tensor:
     feats = out.pooler_output
     if isinstance(feats, (list, tuple)):
         feats = torch.cat(list(feats), dim=0)
     else:
         feats = feats.reshape(-1, feats.shape[-1])
-    feats = feats.to(embeds.dtype)
-    embeds = embeds.clone()
-    n = 0
-    B, T = input_ids.shape
-    for b in range(B):
-        for t in range(T):
-            if int(input_ids[b, t]) == image_id:
-                embeds[b, t] = feats[n]
-                n += 1
-    if n != feats.shape[0]:
-        raise ValueError(f"{n} image tokens but {feats.shape[0]} image features")
-    return embeds
+    return feats.to(dtype)
+
+
+def _embed(model, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, **extra) -> torch.Tensor:
+    """Token embeddings with the visual features scattered in (see :meth:`_Family.embed`)."""
+    return _family(model).embed(input_ids, pixel_values, extra)[0]
 
 
 def _input_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, convention: str) -> torch.Tensor:
@@ -361,7 +385,123 @@ def _input_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor | Non
     return torch.arange(T, dtype=torch.long).unsqueeze(0).expand(B, T)
 
 
-def _layer_kv(layer, h_in: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+# --------------------------------------------------------------------------------------------
+# Model families: what differs between LLaVA / LLaVA-NeXT (1-D RoPE) and Qwen2(.5)-VL (M-RoPE)
+# --------------------------------------------------------------------------------------------
+
+# Inputs the oracle accepts beside input_ids / pixel_values / attention_mask.
+_EXTRA_INPUTS = ("image_sizes", "image_grid_thw", "video_grid_thw", "pixel_values_videos",
+                 "mm_token_type_ids", "second_per_grid_ts")
+
+
+class _Family:
+    """LLaVA and LLaVA-NeXT: a Llama-style language model with 1-D positions.
+
+    The family's RoPE application is the ``apply_rotary_pos_emb`` of the module that defines the
+    model's attention class (the same function the attention itself calls).
+    """
+
+    mrope = False
+
+    def __init__(self, model):
+        self.model = model
+        self.lm = model.model.language_model
+        module = sys.modules[type(self.lm.layers[0].self_attn).__module__]
+        self.apply_rope = getattr(module, "apply_rotary_pos_emb", apply_rotary_pos_emb)
+
+    # -- visual features
+    def embed(self, input_ids, pixel_values, extra) -> tuple[torch.Tensor, set[int]]:
+        """(embeddings [B, T, D] with the features scattered in, the placeholder ids that got features)."""
+        embeds = self.model.get_input_embeddings()(input_ids)
+        image_id = self.model.config.image_token_id
+        if pixel_values is None or not bool((input_ids == image_id).any()):
+            return embeds, set()
+        kwargs = {}
+        if extra.get("image_sizes") is not None:  # LLaVA-NeXT: any-resolution tiles + newlines
+            kwargs["image_sizes"] = extra["image_sizes"]
+        out = self.model.model.get_image_features(pixel_values=pixel_values, return_dict=True, **kwargs)
+        embeds = _scatter(embeds.clone(), input_ids, image_id, _flat_features(out, embeds.dtype), "image")
+        return embeds, {image_id}
+
+    # -- positions
+    def input_positions(self, input_ids, attention_mask, convention, extra) -> list[list]:
+        """Per sample, per token: the position id of the uncompressed input (an int)."""
+        return _input_positions(input_ids, attention_mask, convention).tolist()
+
+    def rope(self, hidden: torch.Tensor, pos: torch.Tensor):
+        return self.lm.rotary_emb(hidden, pos)
+
+    def layer_position_ids(self, pos: torch.Tensor):
+        return pos
+
+    @staticmethod
+    def shift(pos, k: int):
+        """Position ``pos`` moved ``k`` steps on (every component of an M-RoPE triple)."""
+        return tuple(p + k for p in pos) if isinstance(pos, tuple) else pos + k
+
+
+class _MRopeFamily(_Family):
+    """Qwen2-VL and Qwen2.5-VL: images and videos of any size, M-RoPE triples (t, h, w)."""
+
+    mrope = True
+
+    def embed(self, input_ids, pixel_values, extra):
+        embeds = self.model.get_input_embeddings()(input_ids)
+        config = self.model.config
+        used = set()
+        videos = extra.get("pixel_values_videos")
+        if pixel_values is not None and bool((input_ids == config.image_token_id).any()):
+            out = self.model.model.get_image_features(pixel_values, extra.get("image_grid_thw"), return_dict=True)
+            embeds = _scatter(embeds.clone(), input_ids, config.image_token_id,
+                              _flat_features(out, embeds.dtype), "image")
+            used.add(config.image_token_id)
+        if videos is not None and bool((input_ids == config.video_token_id).any()):
+            out = self.model.model.get_video_features(videos, extra.get("video_grid_thw"), return_dict=True)
+            embeds = _scatter(embeds.clone(), input_ids, config.video_token_id,
+                              _flat_features(out, embeds.dtype), "video")
+            used.add(config.video_token_id)
+        return embeds, used
+
+    def input_positions(self, input_ids, attention_mask, convention, extra):
+        """The model's own ``get_rope_index`` (as ``forward`` and ``generate`` both call it, with the
+        attention mask): per sample, per token, a triple (t, h, w). Text-only input: ``t = h = w``
+        following the 1-D convention (what the model does without grids)."""
+        if convention not in ("arange", "generate"):
+            raise ValueError(f"unknown position convention {convention!r}")
+        config = self.model.config
+        image_grid, video_grid = extra.get("image_grid_thw"), extra.get("video_grid_thw")
+        if image_grid is None and video_grid is None:
+            flat = _input_positions(input_ids, attention_mask, convention).tolist()
+            return [[(p, p, p) for p in row] for row in flat]
+        types = extra.get("mm_token_type_ids")
+        if types is None:
+            types = torch.zeros_like(input_ids, dtype=torch.int)
+            types = types.masked_fill(input_ids == config.image_token_id, 1)
+            types = types.masked_fill(input_ids == config.video_token_id, 2)
+        kwargs = dict(image_grid_thw=image_grid, video_grid_thw=video_grid, attention_mask=attention_mask)
+        if extra.get("second_per_grid_ts") is not None:
+            kwargs["second_per_grid_ts"] = extra["second_per_grid_ts"]
+        pos, _ = self.model.model.get_rope_index(input_ids, types, **kwargs)  # [3, B, T]
+        return [[tuple(int(x) for x in pos[:, b, t]) for t in range(input_ids.shape[1])]
+                for b in range(input_ids.shape[0])]
+
+    def rope(self, hidden, pos):
+        assert pos.dim() == 3 and pos.shape[0] == 3, pos.shape
+        cos, sin = self.lm.rotary_emb(hidden, pos)
+        assert cos.dim() == 3, "expected M-RoPE sections already folded into cos/sin [B, T, head_dim]"
+        return cos, sin
+
+    def layer_position_ids(self, pos):
+        return None  # the text model passes its (absent) text positions; sdpa / eager ignore them
+
+
+def _family(model) -> _Family:
+    if hasattr(model.model, "get_rope_index"):
+        return _MRopeFamily(model)
+    return _Family(model)
+
+
+def _layer_kv(layer, h_in: torch.Tensor, cos, sin, apply_rope=apply_rotary_pos_emb) -> tuple[torch.Tensor, torch.Tensor]:
     """Key and value states of ``layer`` for input ``h_in`` [B, T, D]: after RoPE, before GQA repeat.
 
     Same modules and ops as ``LlamaAttention.forward``: [B, kv_heads, T, head_dim] each.
@@ -372,15 +512,26 @@ def _layer_kv(layer, h_in: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.
     hd = attn.head_dim
     k = attn.k_proj(x).view(B, T, -1, hd).transpose(1, 2)
     v = attn.v_proj(x).view(B, T, -1, hd).transpose(1, 2)
-    _, k = apply_rotary_pos_emb(k, k, cos, sin)
+    _, k = apply_rope(k, k, cos, sin)
     return k, v
 
 
+def _check_extra(extra: dict) -> dict:
+    unknown = sorted(set(extra) - set(_EXTRA_INPUTS))
+    if unknown:
+        raise TypeError(f"the oracle does not take {unknown}; it takes {list(_EXTRA_INPUTS)}")
+    return extra
+
+
 def _run(model, input_ids, pixel_values=None, attention_mask=None, *, method="libra", ratio=0.5,
-         layers=(1,), tau=0.7, eta="mean", trace=None, positions="arange", kv=None):
+         layers=(1,), tau=0.7, eta="mean", trace=None, positions="arange", kv=None, **extra):
     """Prefill. ``positions``: see :func:`_input_positions`. ``kv``: a list that, when given, receives
     one ``(keys, values, valid)`` per decoder layer (``valid`` [B, S] bool: the padding mask of the
-    sequence that layer saw)."""
+    sequence that layer saw). ``extra``: the model's other inputs (``_EXTRA_INPUTS``), e.g.
+    ``image_grid_thw`` / ``mm_token_type_ids`` (Qwen2-VL) or ``image_sizes`` (LLaVA-NeXT).
+    ``trace`` (a dict), when given, also receives ``"input_positions"`` (per sample, per token)."""
+    _check_extra(extra)
+    family = _family(model)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}")
     if not 0 <= ratio < 1:
@@ -397,25 +548,27 @@ def _run(model, input_ids, pixel_values=None, attention_mask=None, *, method="li
     B, T = input_ids.shape
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    image_id = model.config.image_token_id
 
     with torch.no_grad():
-        hidden = _embed(model, input_ids, pixel_values)
+        # Visual tokens: the placeholder positions that received vision features.
+        hidden, visual_ids = family.embed(input_ids, pixel_values, extra)
         dtype = hidden.dtype
 
-        # Token records, positions arange(T) as transformers' LlamaModel does (oracle_logits) or
-        # the attention_mask cumsum as GenerationMixin does (oracle_generate).
-        in_pos = _input_positions(input_ids, attention_mask, positions).tolist()
-        has_image = pixel_values is not None
+        # Token records. LLaVA: positions arange(T) as transformers' LlamaModel does (oracle_logits)
+        # or the attention_mask cumsum as GenerationMixin does (oracle_generate). Qwen2-VL: the
+        # model's get_rope_index triples (both calls use them).
+        in_pos = family.input_positions(input_ids, attention_mask, positions, extra)
+        if trace is not None:
+            trace["input_positions"] = in_pos
         toks: list[list[_Tok]] = []
         for b in range(B):
             row = []
             t = 0
             span = 0
             while t < T:
-                if has_image and int(input_ids[b, t]) == image_id:
+                if int(input_ids[b, t]) in visual_ids:
                     start = t
-                    while t < T and int(input_ids[b, t]) == image_id:
+                    while t < T and int(input_ids[b, t]) in visual_ids:
                         t += 1
                     last = t - 1
                     for u in range(start, t):
@@ -430,22 +583,22 @@ def _run(model, input_ids, pixel_values=None, attention_mask=None, *, method="li
         for idx, layer in enumerate(decoder_layers):
             mask = _build_mask(toks, dtype)
             pos = _position_ids(toks)
-            cos, sin = lm.rotary_emb(hidden, pos)
+            cos, sin = family.rope(hidden, pos)
             if kv is not None:
-                k_states, v_states = _layer_kv(layer, hidden, cos, sin)
+                k_states, v_states = _layer_kv(layer, hidden, cos, sin, family.apply_rope)
                 valid = torch.tensor([[t.valid for t in row] for row in toks], dtype=torch.bool)
                 kv.append((k_states, v_states, valid))
             out = layer(
                 hidden,
                 attention_mask=mask,
-                position_ids=pos,
+                position_ids=family.layer_position_ids(pos),
                 position_embeddings=(cos, sin),
                 past_key_values=None,
                 use_cache=False,
             )
             h_out = out[0] if isinstance(out, tuple) else out
             if idx in stages:
-                alpha = _importance(layer, hidden, mask, cos, sin, toks)
+                alpha = _importance(layer, hidden, mask, cos, sin, toks, family.apply_rope)
                 if trace is not None:
                     trace.setdefault("alpha", []).append(alpha)
                 new_toks, new_rows = [], []
@@ -469,13 +622,15 @@ def _run(model, input_ids, pixel_values=None, attention_mask=None, *, method="li
 
 
 def oracle_logits(model, input_ids, pixel_values=None, attention_mask=None, *,
-                  method="libra", ratio=0.5, layers=(1,), tau=0.7, eta="mean") -> tuple[torch.Tensor, list[int]]:
+                  method="libra", ratio=0.5, layers=(1,), tau=0.7, eta="mean", **extra) -> tuple[torch.Tensor, list[int]]:
     """Returns (last-position logits [B, V] float32, visual-token counts of sample 0 after each stage).
 
-    ``ratio == 0`` or ``layers == ()`` runs the plain model (counts ``[]``).
+    ``ratio == 0`` or ``layers == ()`` runs the plain model (counts ``[]``). ``extra``: the model's
+    other inputs, as its ``forward`` takes them (``image_grid_thw``, ``mm_token_type_ids``,
+    ``pixel_values_videos``, ``video_grid_thw``, ``second_per_grid_ts``, ``image_sizes``).
     """
     return _run(model, input_ids, pixel_values, attention_mask, method=method, ratio=ratio,
-                layers=layers, tau=tau, eta=eta)
+                layers=layers, tau=tau, eta=eta, **extra)
 
 
 # --------------------------------------------------------------------------------------------
@@ -483,7 +638,7 @@ def oracle_logits(model, input_ids, pixel_values=None, attention_mask=None, *,
 # --------------------------------------------------------------------------------------------
 
 
-def _decode_layer(layer, h: torch.Tensor, cos, sin, cache: list) -> torch.Tensor:
+def _decode_layer(layer, h: torch.Tensor, cos, sin, cache: list, apply_rope=apply_rotary_pos_emb) -> torch.Tensor:
     """One decoder layer on one new token per sample, by hand.
 
     ``h`` [B, 1, D]; ``cache`` = [keys, values, valid] of this layer (its own length S), updated in
@@ -497,7 +652,7 @@ def _decode_layer(layer, h: torch.Tensor, cos, sin, cache: list) -> torch.Tensor
     q = attn.q_proj(x).view(B, 1, -1, hd).transpose(1, 2)
     k = attn.k_proj(x).view(B, 1, -1, hd).transpose(1, 2)
     v = attn.v_proj(x).view(B, 1, -1, hd).transpose(1, 2)
-    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    q, k = apply_rope(q, k, cos, sin)
     keys = torch.cat([cache[0], k], dim=2)
     values = torch.cat([cache[1], v], dim=2)
     valid = torch.cat([cache[2], torch.ones(B, 1, dtype=torch.bool)], dim=1)
@@ -518,7 +673,7 @@ def _decode_layer(layer, h: torch.Tensor, cos, sin, cache: list) -> torch.Tensor
 
 
 def oracle_generate(model, input_ids, pixel_values=None, attention_mask=None, *, method="libra", ratio=0.5,
-                    layers=(1,), tau=0.7, eta="mean", max_new_tokens=8) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                    layers=(1,), tau=0.7, eta="mean", max_new_tokens=8, **extra) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Greedy generation with compression in prefill only.
 
     Returns (new tokens [B, max_new_tokens] long, per-step logits list of [B, V] float32; step 0 is
@@ -542,18 +697,25 @@ def oracle_generate(model, input_ids, pixel_values=None, attention_mask=None, *,
       non-padding prompt tokens ``+ t`` under left padding. Each layer attends to its own cache
       (padding entries masked) plus the new token, then appends the new key / value.
     * Final norm + lm_head on the new token give that step's logits.
+    * Qwen2-VL / Qwen2.5-VL: the input positions are the model's ``get_rope_index`` triples (as
+      ``generate`` computes them, on the full uncompressed prompt); decode step t uses the last
+      prompt token's triple ``+ 1 + t`` in each component (text positions + ``rope_deltas``).
+      ``extra``: as in :func:`oracle_logits`.
 
     ``ratio == 0`` or ``layers == ()`` reproduces ``model.generate(..., do_sample=False)`` (with EOS
     disabled: this oracle never stops early).
     """
     kv: list = []
+    trace: dict = {}
     logits, _ = _run(model, input_ids, pixel_values, attention_mask, method=method, ratio=ratio,
-                     layers=layers, tau=tau, eta=eta, positions="generate", kv=kv)
+                     layers=layers, tau=tau, eta=eta, positions="generate", kv=kv, trace=trace, **extra)
+    family = _family(model)
     B = input_ids.shape[0]
     lm = model.model.language_model
     decoder_layers = list(lm.layers)
     caches = [list(entry) for entry in kv]
-    next_pos = _input_positions(input_ids, attention_mask, "generate")[:, -1] + 1  # [B]
+    # The last prompt token's input position (int, or M-RoPE triple), as generate continues from it.
+    last_pos = [row[-1] for row in trace["input_positions"]]
 
     steps = [logits]
     tokens = []
@@ -564,10 +726,10 @@ def oracle_generate(model, input_ids, pixel_values=None, attention_mask=None, *,
         tokens.append(tok)
         for t in range(max_new_tokens - 1):
             h = model.get_input_embeddings()(tok[:, None])  # [B, 1, D]
-            pos = (next_pos + t)[:, None]
-            cos, sin = lm.rotary_emb(h, pos)
+            pos = _position_ids([[_Tok("text", family.shift(p, 1 + t), True)] for p in last_pos])
+            cos, sin = family.rope(h, pos)
             for layer, cache in zip(decoder_layers, caches):
-                h = _decode_layer(layer, h, cos, sin, cache)
+                h = _decode_layer(layer, h, cos, sin, cache, family.apply_rope)
             h = lm.norm(h)
             step_logits = model.lm_head(h[:, -1, :]).float()
             steps.append(step_logits)

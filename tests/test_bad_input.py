@@ -70,7 +70,7 @@ def test_graph_without_a_decoder_falls_back_with_a_warning():
     model, (ids, pix) = NoDecoderLayers(), _no_decoder_inputs()
     torch._dynamo.reset()
     be = libra_fx.backend(layers=(0,))
-    with pytest.warns(libra_fx.LibraFallbackWarning, match="compiling this graph uncompressed: no decoder layers"):
+    with pytest.warns(libra_fx.LibraFallbackWarning, match="compiling this graph uncompressed: the visual tokens enter the embeddings in this graph, but no decoder layer"):
         out = torch.compile(model, backend=be)(ids, pix)
     assert not be.last.compressed
     torch.testing.assert_close(out, model(ids, pix))
@@ -79,7 +79,7 @@ def test_graph_without_a_decoder_falls_back_with_a_warning():
 def test_graph_without_a_decoder_raises_under_strict():
     model, (ids, pix) = NoDecoderLayers(), _no_decoder_inputs()
     torch._dynamo.reset()
-    with pytest.raises(BackendCompilerFailed, match="no decoder layers"):
+    with pytest.raises(BackendCompilerFailed, match="no decoder layer"):
         torch.compile(model, backend=libra_fx.backend(layers=(0,), strict=True))(ids, pix)
 
 

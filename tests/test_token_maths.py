@@ -362,7 +362,7 @@ def test_compress_visual_tokens_fastv_by_hand():
     alpha = t([[0.0, 0.1, 0.4, 0.2, 0.3, 0.0]])
     span = torch.tensor([[False, True, True, True, True, False]])
     out, merged, source = compress_visual_tokens(
-        hidden, alpha, span, span_len=4, spans_per_sample=1, carried=0,
+        hidden, alpha, span, span_lens=((4,),), carried=0,
         method="fastv", ratio=0.5, tau=0.7, eta="mean")
     assert source.tolist() == [[0, 2, 4, 5]]
     assert merged.tolist() == [[False, True, True, False]]
@@ -378,7 +378,7 @@ def test_compress_visual_tokens_libra_with_a_carried_compensation_token():
     alpha = t([[0.0, 0.1, 0.4, 0.2, 0.3, 0.0, 0.0]])
     span = torch.tensor([[False, True, True, True, True, False, False]])
     out, merged, source = compress_visual_tokens(
-        hidden, alpha, span, span_len=4, spans_per_sample=1, carried=1,
+        hidden, alpha, span, span_lens=((4,),), carried=1,
         method="libra", ratio=0.5, tau=0.7, eta="mean")
     assert source.tolist() == [[0, 2, 4, 5, 5, 6]]
     assert merged.tolist() == [[False, True, True, False, False, False]]
@@ -394,7 +394,7 @@ def test_compress_visual_tokens_two_spans_per_sample():
     alpha = t([[0.5, 0.1, 0.4, 0.0, 0.1, 0.3, 0.3, 0.0]])
     span = torch.tensor([[True, True, True, False, True, True, True, False]])
     out, merged, source = compress_visual_tokens(
-        hidden, alpha, span, span_len=3, spans_per_sample=2, carried=0,
+        hidden, alpha, span, span_lens=((3, 3),), carried=0,
         method="fastv", ratio=0.5, tau=0.7, eta="mean")
     assert source.tolist() == [[0, 2, 3, 5, 6, 7]]
     assert merged.tolist() == [[True, True, False, True, True, False]]
@@ -595,7 +595,7 @@ def test_compress_visual_tokens_properties(b, n, pad, carried, d, ratio, name, s
     nt, c = num_targets(n, ratio), int(m.compensation)
 
     out, merged, source = compress_visual_tokens(
-        hidden, alpha, span, span_len=n, spans_per_sample=1, carried=carried,
+        hidden, alpha, span, span_lens=((n,),), carried=carried,
         method=name, ratio=ratio, tau=0.7, eta="mean")
     t_new = t_len - n + nt + c
     assert out.shape == (b, t_new, d)
@@ -633,7 +633,7 @@ def test_compress_visual_tokens_properties(b, n, pad, carried, d, ratio, name, s
 # 3. Bad input
 # =============================================================================================
 
-@pytest.mark.parametrize("name", ["nope", "", "LIBRA", "prumerge"])
+@pytest.mark.parametrize("name", ["nope", "", "LIBRA", "prumerge+"])
 def test_get_method_unknown_name_lists_valid_methods(name):
     with pytest.raises(ValueError) as err:
         get_method(name)
@@ -654,5 +654,5 @@ def test_compress_visual_tokens_unknown_method():
     hidden = _seq(4)
     span = torch.tensor([[False, True, True, False]])
     with pytest.raises(ValueError, match="valid methods"):
-        compress_visual_tokens(hidden, torch.full((1, 4), 0.25), span, span_len=2, spans_per_sample=1,
+        compress_visual_tokens(hidden, torch.full((1, 4), 0.25), span, span_lens=((2,),),
                                carried=0, method="nope", ratio=0.5, tau=0.7, eta="mean")
