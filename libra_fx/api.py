@@ -23,7 +23,9 @@ from libra_fx import vision_layout
 from libra_fx.attention import use_libra_attention
 from libra_fx.dynamo_backend import LibraBackend
 from libra_fx.ragged import pass_empty_slots
+from libra_fx.hf_compat import kv_cache
 from libra_fx.methods import is_vision_method
+from libra_fx.models import check_architecture
 
 
 def num_decoder_layers(model) -> int:
@@ -36,14 +38,21 @@ def compile(model, ratio=0.5, layers=(7, 15, 23), method="libra", tau=0.7, eta="
     """Compile ``model.forward`` with the libra backend in place; returns ``model``.
 
     Raises ``ValueError`` at once for a wrong setting, including a layer index beyond the
-    model's decoder. The backend is ``model.libra_backend`` (its ``records`` say what happened).
+    model's decoder. A model class outside :data:`libra_fx.models.SUPPORTED` is compiled
+    uncompressed, with a ``LibraFallbackWarning`` naming it (``strict=True``: ``UnsupportedGraph``).
+    The backend is ``model.libra_backend`` (its ``records`` say what happened).
     Prompts of new lengths recompile once, then share a graph with a symbolic length
     (Dynamo's automatic dynamic shapes): two prefill and two decode graphs in all.
-    ``fullgraph=True`` (the default) traces prefill as one graph; pass ``False`` for a model whose
-    forward has graph breaks. Only the default dynamic KV cache is supported (``ValueError``
-    for a static one).
+    ``fullgraph=False`` (the default) lets the vision code of LLaVA-NeXT and Qwen2-VL break the
+    graph; the graph that holds the visual tokens and the decoder is compressed. Only the default
+    dynamic KV cache is supported (``ValueError`` for a static one).
     """
     be = LibraBackend(ratio, layers, method, tau, eta, strict, compiler=compiler)
+    be.skip_reason = check_architecture(model, strict)
+    model.libra_backend = be
+    if be.skip_reason is not None:
+        model.forward = torch.compile(model.forward, backend=be, fullgraph=fullgraph)
+        return model
     num_layers = num_decoder_layers(model)
     be.config.check_layers(num_layers)
     be.ragged_batches = True  # the forward below passes the decode masks of ragged batches
@@ -55,7 +64,7 @@ def compile(model, ratio=0.5, layers=(7, 15, 23), method="libra", tau=0.7, eta="
 
     @functools.wraps(model.forward)
     def forward(*args, **kwargs):
-        check_cache(kwargs.get("past_key_values"))
+        check_cache(kv_cache(kwargs))
         kwargs = pass_empty_slots(model, be.config, num_layers, precompute_mrope_positions(model, kwargs))
         with torch._dynamo.config.patch(capture_scalar_outputs=True):  # no break at feature-count checks
             if vision_side:  # PruMerge: decode steps see the compressed prompt's layout (libra_fx.vision_layout)
@@ -65,7 +74,6 @@ def compile(model, ratio=0.5, layers=(7, 15, 23), method="libra", tau=0.7, eta="
     if vision_side:  # keep the vision tower inside the compiled forward under generate()
         forward.__signature__ = vision_layout.signature_for_generate(model.forward)
     model.forward = forward
-    model.libra_backend = be
     return model
 
 
@@ -75,7 +83,7 @@ def precompute_mrope_positions(model, kwargs: dict) -> dict:
     ``generate`` passes them in; for a plain ``model(...)`` prefill they are computed here the same
     way, by the model's own ``compute_3d_position_ids``, before the compiled forward."""
     compute = getattr(getattr(model, "model", None), "compute_3d_position_ids", None)
-    cache = kwargs.get("past_key_values", kwargs.get("cache"))
+    cache = kv_cache(kwargs)
     if (compute is None or kwargs.get("position_ids") is not None or kwargs.get("input_ids") is None
             or cache is not None and cache.get_seq_length() > 0
             or kwargs.get("image_grid_thw") is None and kwargs.get("video_grid_thw") is None):

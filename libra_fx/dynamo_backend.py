@@ -62,6 +62,7 @@ class LibraBackend:
         # samples with different visual-token counts in one batch: their decode steps need the
         # per-layer empty-slot counts that only ``libra_fx.compile``'s forward passes in
         self.ragged_batches = False
+        self.skip_reason: str | None = None  # set by libra_fx.compile for an unsupported model class
         self.side_outputs = None  # extra outputs of the last compressed run (vision-side methods: source, valid)
         self.__name__ = "libra"
 
@@ -99,6 +100,8 @@ class LibraBackend:
         """Run the pass pipeline on a copy of ``gm``; ``gm`` itself is left as it was."""
         if not self.config.active:
             return CompileRecord(False, "ratio=0 or layers=(): nothing to do")
+        if self.skip_reason is not None:
+            return CompileRecord(False, self.skip_reason, before=gm)
         ctx = RewriteContext(fx_utils.clone(gm), self.config, ragged_batches=self.ragged_batches)
         try:
             passes = run_pipeline(ctx)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from libra_fx.hf_compat import kv_cache
 from libra_fx.methods import get_method
 from libra_fx.selectors import num_targets
 
@@ -55,7 +56,7 @@ def placeholder_ids(model) -> set[int]:
 def pass_empty_slots(model, config, num_layers: int, kwargs: dict) -> dict:
     """At prefill, work out and keep the empty slots of a ragged batch on its cache; at decode,
     hand them to the attention functions (``libra_empty_slots``). Uniform batches: nothing."""
-    cache, ids = kwargs.get("past_key_values"), kwargs.get("input_ids")
+    cache, ids = kv_cache(kwargs), kwargs.get("input_ids")
     if cache is None or not config.layers:
         return kwargs
     if cache.get_seq_length() == 0:

@@ -28,6 +28,7 @@ import weakref
 import torch
 
 from libra_fx import prumerge
+from libra_fx.hf_compat import kv_cache, returned_cache
 from libra_fx.layout import RECORDINGS
 from libra_fx.selectors import gather_rows
 
@@ -162,14 +163,14 @@ def call_compiled(compiled, backend, args: tuple, kwargs: dict):
         # transformers' output-capturing wrapper of get_image_features ("mapping proxy affected by
         # dictionary mutation"), and the vision tower must be traced here
         kwargs = {k: v for k, v in kwargs.items() if k != "return_dict"}
-    cache = kwargs.get("past_key_values")
+    cache = kv_cache(kwargs)
     layout = _LAYOUTS.get(cache) if cache is not None else None
     if layout is not None and cache.get_seq_length() > 0:
         kwargs = _decode_kwargs(kwargs, *layout, cache)
     backend.side_outputs = None
     out = compiled(*args, **kwargs)
     side, backend.side_outputs = backend.side_outputs, None
-    returned = getattr(out, "past_key_values", None)
+    returned = returned_cache(out)
     if side is not None and returned is not None:
         source, valid = side
         mask = kwargs.get("attention_mask")

@@ -93,6 +93,9 @@ def _mask_decoder_attention(ctx: RewriteContext, visual: fx.Node, valid: fx.Node
     made: dict[fx.Node | None, fx.Node] = {}
     for index in sorted(layers):
         site = find_attention(index, layers[index])
+        if site.kind == "flash":
+            raise UnsupportedGraph(f"decoder layer {index}: flash-attn takes no mask to hide the padding slots; "
+                                   "use attn_implementation='sdpa' or 'eager' with PruMerge")
         if site.kind == "sdpa":
             if len(site.node.args) > 5:
                 raise UnsupportedGraph(f"decoder layer {index}: SDPA with a positional is_causal argument")

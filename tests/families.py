@@ -82,3 +82,19 @@ def sample(inputs: dict, b: int, pad: int = 0) -> dict:
         else:  # grids, LLaVA-NeXT pixel_values [B, tiles, ...] / image_sizes
             out[key] = v[b:b + 1]
     return out
+
+
+def ragged_llava_next(model, sizes=((32, 24), (16, 16)), seed=0) -> tuple[dict, list[dict]]:
+    """A LLaVA-NeXT batch whose images differ in size, hence in visual-token count (72 and 36 for
+    the default sizes), left-padded to one length and with pixel tiles zero-padded to one count,
+    as the processor batches them; and each sample alone, unpadded."""
+    alone = [tiny_llava_next_inputs(model, image_size=s, seed=seed + i) for i, s in enumerate(sizes)]
+    width = max(x["input_ids"].shape[1] for x in alone)
+    tiles = max(x["pixel_values"].shape[1] for x in alone)
+    ids = torch.cat([torch.nn.functional.pad(x["input_ids"], (width - x["input_ids"].shape[1], 0),
+                                             value=PAD_TOKEN_ID) for x in alone])
+    pixels = torch.cat([torch.nn.functional.pad(x["pixel_values"], (0, 0, 0, 0, 0, 0, 0, tiles - x["pixel_values"].shape[1]))
+                        for x in alone])
+    batch = dict(input_ids=ids, attention_mask=(ids != PAD_TOKEN_ID).long(), pixel_values=pixels,
+                 image_sizes=torch.cat([x["image_sizes"] for x in alone]))
+    return batch, alone

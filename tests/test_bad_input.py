@@ -127,3 +127,32 @@ def test_unsupported_visual_insertion_warns():
     with pytest.warns(libra_fx.LibraFallbackWarning, match="no masked_scatter of visual features"):
         out = torch.compile(model, backend=be)(ids, pix)
     torch.testing.assert_close(out, model(ids, pix))
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_unsupported_architecture_runs_uncompressed_with_a_warning_naming_it():
+    model = _tiny_llama()
+    ids = torch.randint(0, 64, (1, 9))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    torch._dynamo.reset()
+    with pytest.warns(libra_fx.LibraFallbackWarning, match="LlamaForCausalLM is not a supported architecture"):
+        model = libra_fx.compile(model, layers=(0,), compiler="eager")
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+    torch.testing.assert_close(got, want)
+    assert model.libra_backend.records and not any(r.compressed for r in model.libra_backend.records)
+    assert "not a supported architecture" in model.libra_backend.last.reason
+
+
+def test_unsupported_architecture_raises_under_strict():
+    with pytest.raises(libra_fx.UnsupportedGraph, match="LlamaForCausalLM is not a supported architecture"):
+        libra_fx.compile(_tiny_llama(), layers=(0,), strict=True)

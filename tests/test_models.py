@@ -17,7 +17,7 @@ import warnings
 
 import pytest
 import torch
-from families import QWEN, build, make_inputs, qwen_two_images
+from families import QWEN, build, make_inputs, qwen_two_images, ragged_llava_next
 from oracle import oracle_generate, oracle_logits
 
 import libra_fx
@@ -221,3 +221,20 @@ def test_qwen_plain_forward_through_libra_fx_compile_matches_oracle():
         got = model(**inputs).logits[:, -1].float()
     assert_compressed(model.libra_backend.records)
     assert_matches(got, want, 1e-5)
+
+
+@pytest.mark.parametrize("method", ["libra", "fastv"])
+def test_llava_next_ragged_batch_generates_as_each_sample_alone(method):
+    """Images of different sizes in one batch (72 and 36 visual tokens): each sample is compressed by
+    its own counts; the shorter one gets empty slots (README), and its tokens and logits are those of
+    the oracle run on that sample alone."""
+    cfg = dict(method=method, ratio=0.5, layers=TWO)
+    model = build("llava_next")
+    batch, alone = ragged_llava_next(model)
+    wants = [oracle_generate(model, **x, max_new_tokens=3, **cfg) for x in alone]
+    model = compiled(model, **cfg)
+    tokens, logits = generate(model, batch, 3)
+    assert_compressed(model.libra_backend.records)
+    for b, (want_tokens, want_logits) in enumerate(wants):
+        assert torch.equal(tokens[b:b + 1], want_tokens)
+        assert_matches(logits[b:b + 1], torch.stack(want_logits, 1), 1e-4)
