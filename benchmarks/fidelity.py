@@ -11,16 +11,22 @@ inductor`` hands it to Inductor too) on the held-out split, and the harness repo
 * visual tokens after each stage and the FLOPs ratio (SPEC §7, this model's d, m and 144 tokens),
 
 plus the model's visual dependence per layer (accuracy when every visual token is dropped after
-layer ``L``). Writes ``fidelity.md``, ``fidelity.csv`` and ``fidelity.png`` (accuracy vs FLOPs
-ratio, one line per method and schedule) to ``--out``::
+layer ``L``). The vision-side methods (``libra_fx.methods.VISION_METHODS``) compress once, before
+decoder layer 0 (schedule "vision side"): ``prumerge_fixed`` at the same keep ratios, ``prumerge`` and
+``prumerge_plus`` once each (adaptive: the row's keep is the measured mean kept count per picture,
+its FLOPs ratio the mean over pictures of each picture's measured count). Writes ``fidelity.md``,
+``fidelity.csv`` and ``fidelity.png`` (accuracy vs FLOPs ratio, one line per method and schedule) to
+``--out``::
 
     python benchmarks/fidelity.py --n 512 --out docs/        # about 20 minutes on 2 cores
+    python benchmarks/fidelity.py --n 1024 --out docs/ --methods prumerge prumerge_plus prumerge_fixed --merge
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import math
 import os
 import time
 import warnings
@@ -30,11 +36,13 @@ import torch
 import libra_fx
 from libra_fx import shapes_task as st
 from libra_fx.flops import DecoderShape, total_flops
-from libra_fx.methods import METHODS, visual_token_counts
+from libra_fx.methods import METHODS, VISION_METHODS, is_vision_method, visual_token_counts
+from libra_fx.prumerge import ADAPTIVE, capacity
 from libra_fx.token_map import write_png
 
 KEEP = (0.5, 0.33, 0.2, 0.125)
 SCHEDULES = {"1 stage": st.DEFAULT_LAYERS, "2 stages": st.DEFAULT_TWO_STAGE_LAYERS}
+VISION = "vision side"  # the vision-side methods' schedule: once, before decoder layer 0
 PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 200, 200),
            (240, 50, 230), (128, 128, 0), (0, 0, 128), (170, 110, 40)]
 
@@ -48,21 +56,51 @@ def kl(base: torch.Tensor, other: torch.Tensor) -> float:
     return (p.exp() * (p - other.log_softmax(-1))).sum(-1).mean().item()
 
 
+def configs(method, keeps):
+    """``(schedule, layers, keep)`` of each row of ``method``; ``keep=None``: adaptive (measured)."""
+    if not is_vision_method(method):
+        return [(schedule, layers, keep) for schedule, layers in SCHEDULES.items() for keep in keeps]
+    return [(VISION, (), None)] if method in ADAPTIVE else [(VISION, (), keep) for keep in keeps]
+
+
 def evaluate(model, data, method, ratio, layers, batch, compiler):
+    """Logits through the backend, and (vision-side methods) the kept tokens per picture ``[N]``,
+    read off the compiled graph's ``valid`` side output (``None`` for decoder-side methods)."""
     torch._dynamo.reset()
     be = libra_fx.backend(ratio, layers, method, compiler=compiler, strict=True)
     forward = torch.compile(model.forward, backend=be, fullgraph=True)
+    padding = []
+
+    def run(**inputs):
+        out = forward(**inputs)
+        if be.side_outputs is not None:  # (source, valid): one picture per question, C slots each
+            padding.append((~be.side_outputs[1]).sum(-1))
+            be.side_outputs = None
+        return out
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        logits = st.answer_logits(model, data, batch, forward)
+        logits = st.answer_logits(model, data, batch, run)
     assert be.records and all(r.compressed for r in be.records), [r.reason for r in be.records]
-    return logits
+    if not is_vision_method(method):
+        return logits, None
+    assert len(padding) * batch == len(logits), "a vision-side run returned no side outputs"
+    return logits, capacity(method, st.NUM_VISUAL_TOKENS, ratio) - torch.cat(padding)
+
+
+def read_rows(path):
+    with open(path) as f:
+        return [{k: (v if k in ("method", "schedule", "layers", "visual_tokens") else float(v)) for k, v in r.items()}
+                for r in csv.DictReader(f)]
 
 
 def plot(rows, path, width=720, height=440, xlim=(0.3, 1.0), ylim=(0.6, 1.0)):
     """Accuracy (y, ``ylim``) vs FLOPs ratio (x, ``xlim``): one polyline per method and schedule, solid
-    for one stage, dotted for two; the uncompressed model is the black square at (1, its accuracy);
-    grid lines at tenths of each range. Colours in the order of ``rows``' methods."""
+    for one stage and the vision side, dotted for two; the uncompressed model is the black square at
+    (1, its accuracy); grid lines at tenths of each range. A point below a lower limit moves that limit
+    down (x: to a multiple of 0.2, y: of 0.1). Colours in the order of ``rows``' methods."""
+    xlim = (min([xlim[0]] + [math.floor(r["flops_ratio"] * 5) / 5 for r in rows]), xlim[1])
+    ylim = (min([ylim[0]] + [math.floor(r["accuracy"] * 10) / 10 for r in rows]), ylim[1])
     img = torch.full((height, width, 3), 255, dtype=torch.uint8)
     x0, y0, x1, y1 = 50, height - 40, width - 20, 20
 
@@ -99,7 +137,7 @@ def plot(rows, path, width=720, height=440, xlim=(0.3, 1.0), ylim=(0.6, 1.0)):
             dot(*px(1.0, r["accuracy"]), (0, 0, 0), 5)
     for m_i, method in enumerate(methods):
         colour = PALETTE[m_i % len(PALETTE)]
-        for s_i, schedule in enumerate(SCHEDULES):
+        for s_i, schedule in enumerate([*SCHEDULES, VISION]):
             pts = sorted((r["flops_ratio"], r["accuracy"]) for r in rows
                          if r["method"] == method and r["schedule"] == schedule)
             pts = [px(*p) for p in pts]
@@ -119,7 +157,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=512, help="held-out questions (a multiple of --batch)")
     p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--methods", nargs="*", default=None, help=f"default: all of {', '.join(METHODS)}")
+    p.add_argument("--methods", nargs="*", default=None, choices=[*METHODS, *VISION_METHODS],
+                   help=f"default: all of {', '.join([*METHODS, *VISION_METHODS])}")
+    p.add_argument("--merge", action="store_true", help="keep --out/fidelity.csv's rows of the other methods "
+                   "(measured with the same --n and checkpoint) and replace those of --methods")
     p.add_argument("--keep", nargs="*", type=float, default=list(KEEP))
     p.add_argument("--compiler", default="eager", choices=("eager", "inductor"))
     p.add_argument("--checkpoint", default=None)
@@ -128,11 +169,8 @@ def main(argv=None):
     p.add_argument("--replot", action="store_true", help="only redraw the plot from --out/fidelity.csv")
     args = p.parse_args(argv)
     if args.replot:
-        with open(os.path.join(args.out, "fidelity.csv")) as f:
-            rows = [{k: (v if k in ("method", "schedule", "layers", "visual_tokens") else float(v)) for k, v in r.items()}
-                    for r in csv.DictReader(f)]
-        return plot(rows, os.path.join(args.out, "fidelity.png"))
-    methods = args.methods or list(METHODS)
+        return plot(read_rows(os.path.join(args.out, "fidelity.csv")), os.path.join(args.out, "fidelity.png"))
+    methods = args.methods or [*METHODS, *VISION_METHODS]
     os.makedirs(args.out, exist_ok=True)
     started = time.perf_counter()
 
@@ -157,28 +195,40 @@ def main(argv=None):
     rows = [dict(method="uncompressed", schedule="-", keep=1.0, ratio=0.0, layers="-",
                  visual_tokens=str(st.NUM_VISUAL_TOKENS), flops_ratio=1.0, accuracy=base_acc, retention=1.0,
                  top1_agreement=1.0, kl=0.0)]
+    if args.merge:
+        old = read_rows(os.path.join(args.out, "fidelity.csv"))
+        if old[0]["method"] != "uncompressed" or abs(old[0]["accuracy"] - base_acc) > 1e-9:
+            raise SystemExit(f"--merge: {args.out}/fidelity.csv was measured on another split or model "
+                             f"(uncompressed accuracy {old[0]['accuracy']:.4f}, now {base_acc:.4f})")
+        rows += [r for r in old[1:] if r["method"] not in methods]
+    n_vis = st.NUM_VISUAL_TOKENS
     for method in methods:
-        for schedule, layers in SCHEDULES.items():
-            for keep in args.keep:
-                ratio = ratio_of(keep)
-                try:
-                    logits = evaluate(model, data, method, ratio, layers, args.batch, args.compiler)
-                except Exception as e:  # noqa: BLE001 — a method that cannot run here is reported, not fatal
-                    print(f"{method} {schedule} keep {keep}: failed: {type(e).__name__}: {e}"[:300], flush=True)
-                    continue
-                acc = (logits.argmax(-1) == data["answer"]).float().mean().item()
-                row = dict(method=method, schedule=schedule, keep=keep, ratio=ratio, layers=str(layers),
-                           visual_tokens="→".join(str(n) for n in [st.NUM_VISUAL_TOKENS]
-                                                  + visual_token_counts(st.NUM_VISUAL_TOKENS, ratio, len(layers), method)),
-                           flops_ratio=total_flops(shape, method=method, ratio=ratio, layers=layers) / vanilla,
-                           accuracy=acc, retention=acc / base_acc,
-                           top1_agreement=(logits.argmax(-1) == base.argmax(-1)).float().mean().item(),
-                           kl=kl(base, logits))
-                rows.append(row)
-                print(f"{method:8s} {schedule:8s} keep {keep:5.3f}: acc {acc:.4f} ({acc / base_acc:.1%}), "
-                      f"agree {row['top1_agreement']:.3f}, KL {row['kl']:.4f}, FLOPs {row['flops_ratio']:.2f}, "
-                      f"[{time.perf_counter() - started:.0f} s]", flush=True)
-                write_outputs(rows, lines, args, base_acc)
+        for schedule, layers, keep in configs(method, args.keep):
+            ratio = 0.0 if keep is None else ratio_of(keep)
+            try:
+                logits, kept = evaluate(model, data, method, ratio, layers, args.batch, args.compiler)
+            except Exception as e:  # noqa: BLE001 — a method that cannot run here is reported, not fatal
+                print(f"{method} {schedule} keep {keep}: failed: {type(e).__name__}: {e}"[:300], flush=True)
+                continue
+            if kept is None:
+                tokens = [n_vis] + visual_token_counts(n_vis, ratio, len(layers), method)
+                flops = total_flops(shape, method=method, ratio=ratio, layers=layers)
+            else:  # measured per picture: FLOPs of each picture's count, averaged
+                keep = keep or kept.float().mean().item() / n_vis
+                tokens = [n_vis, f"{kept.float().mean().item():.3g}"]
+                flops = sum(total_flops(shape, method=method, ratio=ratio, kept=k) for k in kept.tolist()) / len(kept)
+            acc = (logits.argmax(-1) == data["answer"]).float().mean().item()
+            row = dict(method=method, schedule=schedule, keep=keep, ratio=ratio, layers=str(layers),
+                       visual_tokens="→".join(map(str, tokens)), flops_ratio=flops / vanilla,
+                       accuracy=acc, retention=acc / base_acc,
+                       top1_agreement=(logits.argmax(-1) == base.argmax(-1)).float().mean().item(),
+                       kl=kl(base, logits))
+            rows.append(row)
+            print(f"{method:8s} {schedule:8s} keep {keep:5.3f}: acc {acc:.4f} ({acc / base_acc:.1%}), "
+                  f"agree {row['top1_agreement']:.3f}, KL {row['kl']:.4f}, FLOPs {row['flops_ratio']:.2f}, "
+                  + ("" if kept is None else f"kept {kept.min().item()}–{kept.max().item()}, ")
+                  + f"[{time.perf_counter() - started:.0f} s]", flush=True)
+            write_outputs(rows, lines, args, base_acc)
     write_outputs(rows, lines, args, base_acc)
     print(f"done in {time.perf_counter() - started:.0f} s", flush=True)
     return rows
@@ -190,22 +240,34 @@ def write_outputs(rows, lines, args, base_acc):
         w.writeheader()
         w.writerows(rows)
     methods = plot(rows, os.path.join(args.out, "fidelity.png"))
-    keeps = sorted({r["keep"] for r in rows if r["method"] != "uncompressed"}, reverse=True)
+    keeps = sorted({r["keep"] for r in rows if r["method"] not in ("uncompressed", *ADAPTIVE)}, reverse=True)
     md = [f"Shapes LLaVA, {args.n} held-out questions, uncompressed accuracy {base_acc:.1%}. "
           "Cells: accuracy (retention vs uncompressed). Through `libra_fx.backend` "
           f"(compiler={args.compiler}).", ""] + lines
-    for schedule, layers in SCHEDULES.items():
-        md += [f"**{schedule}** (after layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))}), "
-               "keep per stage:", "",
+    for schedule in [*SCHEDULES, VISION]:
+        layers = SCHEDULES.get(schedule)
+        in_table = [m for m in methods if any(r["method"] == m and r["schedule"] == schedule and r["keep"] in keeps
+                                              for r in rows)]
+        if not in_table:
+            continue
+        md += [f"**{schedule}** (" + (f"after layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))}"
+                                      if layers else "once, before decoder layer 0") + "), keep" + " per stage" * bool(layers) + ":", "",
                "| method | " + " | ".join(f"{k:.1%}".replace(".0%", "%") for k in keeps) + " |",
                "| --- |" + " ---: |" * len(keeps)]
-        for method in methods:
+        for method in in_table:
             cells = []
             for k in keeps:
                 r = next((r for r in rows if r["method"] == method and r["schedule"] == schedule and r["keep"] == k), None)
                 cells.append("—" if r is None else f"{r['accuracy']:.1%} ({r['retention']:.1%})")
             md.append(f"| `{method}` | " + " | ".join(cells) + " |")
         md.append("")
+    adaptive = [r for r in rows if r["method"] in ADAPTIVE]
+    if adaptive:
+        md += [f"**{VISION}, adaptive** (the kept count depends on the picture; mean over pictures):", "",
+               "| method | kept tokens per picture | keep | FLOPs ratio | accuracy (retention) |",
+               "| --- | ---: | ---: | ---: | ---: |"]
+        md += [f"| `{r['method']}` | {r['visual_tokens'].split('→')[-1]} | {r['keep']:.1%} | {r['flops_ratio']:.2f} | "
+               f"{r['accuracy']:.1%} ({r['retention']:.1%}) |" for r in adaptive] + [""]
     md += ["Every row (top-1 agreement, KL, tokens, FLOPs):", "",
            "| method | schedule | keep | visual tokens | FLOPs ratio | accuracy | retention | top-1 agreement | KL |",
            "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]

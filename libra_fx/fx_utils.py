@@ -47,16 +47,25 @@ def clone(gm: fx.GraphModule) -> fx.GraphModule:
     return copy
 
 
-def descendants(start: fx.Node) -> set[fx.Node]:
-    """All nodes that (transitively) use ``start``."""
+def _closure(first, step) -> set[fx.Node]:
     seen: set[fx.Node] = set()
-    todo = list(start.users)
+    todo = list(first)
     while todo:
         node = todo.pop()
         if node not in seen:
             seen.add(node)
-            todo.extend(node.users)
+            todo.extend(step(node))
     return seen
+
+
+def descendants(start: fx.Node) -> set[fx.Node]:
+    """All nodes that (transitively) use ``start``."""
+    return _closure(start.users, lambda n: n.users)
+
+
+def ancestors(start: fx.Node) -> set[fx.Node]:
+    """All nodes that ``start`` (transitively) uses."""
+    return _closure(start.all_input_nodes, lambda n: n.all_input_nodes)
 
 
 INSERTED = "libra_fx_inserted"

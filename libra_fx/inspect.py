@@ -94,12 +94,14 @@ class GraphDiff:
 
 
 def _stage_lengths(after: fx.GraphModule) -> list[tuple[str, object, str]]:
-    """``(name, length, layer)`` of each stage: the ``sym_size`` nodes the passes inserted, in order."""
+    """``(name, length, where)`` of each stage: the ``sym_size`` nodes the passes inserted on a
+    compressed sequence (not those reading an image's size), in order."""
     lengths = []
     for n in after.graph.nodes:
-        if n.meta.get(INSERTED) and n.target is torch.ops.aten.sym_size.int:
+        if n.meta.get(INSERTED) and n.target is torch.ops.aten.sym_size.int and n.args[0].meta.get(INSERTED):
             layer = LAYER_PATH.match(_group(n))
-            lengths.append((f"T{len(lengths)}", value(n), layer["index"] if layer else "?"))
+            where = f"after layer {layer['index']}" if layer else "before layer 0: vision side"
+            lengths.append((f"T{len(lengths)}", value(n), where))
     return lengths
 
 
@@ -138,5 +140,5 @@ def diff(record) -> GraphDiff:
     for name, n in before.items():
         if name not in kept:
             groups[_group(n)].removed.append(f"{name} = {op_name(n)}(...)")
-    definitions = [(name, f"{length}  (after layer {layer})") for name, length, layer in lengths]
+    definitions = [(name, f"{length}  ({where})") for name, length, where in lengths]
     return GraphDiff(list(groups.values()), definitions, [str(p) for p in record.passes])

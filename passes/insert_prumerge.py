@@ -30,7 +30,7 @@ import torch
 import torch.fx as fx
 
 from libra_fx import prumerge
-from libra_fx.fx_utils import LAYER_PATH, call, module_path, value
+from libra_fx.fx_utils import LAYER_PATH, ancestors, call, module_path, value
 from libra_fx.layout import visual_span_mask
 from libra_fx.passes import PassResult, RewriteContext, Stage, UnsupportedGraph
 from libra_fx.passes.insert_importance import find_attention
@@ -40,20 +40,9 @@ from libra_fx.vision_layout import mask_padding_slots, vision_compress
 SIDE_OUTPUTS = "libra_fx_side_outputs"  # gm.meta key: how many trailing graph outputs are ours
 
 
-def _ancestors(node: fx.Node) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    todo = list(node.all_input_nodes)
-    while todo:
-        n = todo.pop()
-        if n not in seen:
-            seen.add(n)
-            todo.extend(n.all_input_nodes)
-    return seen
-
-
 def vision_last_layer(graph: fx.Graph, features: fx.Node) -> tuple[str, int, list[fx.Node]]:
     """The encoder layers (``…layers.<i>``) that the image features come from; their last one."""
-    upstream = _ancestors(features)
+    upstream = ancestors(features)
     groups: dict[str, dict[int, list[fx.Node]]] = {}
     for node in graph.nodes:
         match = LAYER_PATH.match(module_path(node))

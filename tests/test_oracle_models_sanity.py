@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import oracle
 from families import FAMILIES, build, make_inputs, qwen_two_images, sample
 from oracle import oracle_generate, oracle_logits
+from test_oracle_sanity import assert_alpha_is_eager_last_attention_row
 
 N_NEW = 5
 BATCHES = {"B1": dict(batch=1), "B2-left-padded": dict(batch=2, pad=(0, 3))}
@@ -180,15 +181,7 @@ def test_mrope_decode_positions_continue_from_the_uncompressed_prompt(models):
 @pytest.mark.parametrize("family", ["qwen2_vl", "llava_next"])
 def test_alpha_is_the_eager_last_attention_row(models, family):
     model = models(family, "eager")
-    inputs = make_inputs(family, model, batch=2, pad=(0, 2))
-    with torch.no_grad():
-        attns = model(**inputs, output_attentions=True).attentions
-    for layer in (0, 2):
-        trace = {}
-        oracle._run(model, **inputs, method="libra", ratio=0.5, layers=(layer,), trace=trace)
-        alpha = torch.tensor(trace["alpha"][0])
-        ref = attns[layer][:, :, -1, :].float().mean(dim=1)
-        torch.testing.assert_close(alpha, ref, atol=1e-6, rtol=1e-5)
+    assert_alpha_is_eager_last_attention_row(model, make_inputs(family, model, batch=2, pad=(0, 2)))
 
 
 def test_oracle_refuses_unknown_inputs(models):

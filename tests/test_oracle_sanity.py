@@ -146,10 +146,14 @@ def test_positions_after_stages(models):
 @pytest.mark.parametrize("kw", [dict(batch=1), dict(batch=3, pad=(0, 2, 3))], ids=["B1", "padded3"])
 def test_alpha_is_eager_last_attention_row(models, kw):
     model = models["eager"]
-    inputs = tiny_llava_inputs(model, **kw)
+    assert_alpha_is_eager_last_attention_row(model, tiny_llava_inputs(model, **kw))
+
+
+def assert_alpha_is_eager_last_attention_row(model, inputs, layers=(0, 2)):
+    """The oracle's α at each layer equals the head mean of the eager model's last attention row."""
     with torch.no_grad():
         attns = model(**inputs, output_attentions=True).attentions
-    for layer in (0, 2):
+    for layer in layers:
         trace = {}
         oracle._run(model, **inputs, method="libra", ratio=0.5, layers=(layer,), trace=trace)
         alpha = torch.tensor(trace["alpha"][0])
