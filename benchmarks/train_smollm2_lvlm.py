@@ -36,7 +36,7 @@ bf16 autocast on the CPU by default (``--no-amp`` for fp32); the final evaluatio
 ::
 
     python benchmarks/train_smollm2_lvlm.py --threads 1 --steps 3 --images 2 --eval-n 16 --csv /tmp/c.csv  # smoke
-    python benchmarks/train_smollm2_lvlm.py --threads 2 --minutes 40 --csv docs/smollm2_curve.csv          # the run
+    python benchmarks/train_smollm2_lvlm.py --threads 1 --minutes 40 --eval-minutes 5 --csv docs/smollm2_curve.csv  # docs/smollm2.md
     ... --out /some/dir   # save_pretrained at the end (≈ 540 MB fp32; never commit it)
 
 The CSV curve: ``minutes`` (wall since training began, evaluations included), ``step``,
