@@ -72,11 +72,25 @@ def tiny_llava(seed: int = 0, dtype: torch.dtype = torch.float32, **config_kwarg
     The eager run installs transformers' output-capturing hooks; without it the first
     ``fullgraph`` trace of a never-run model fails on a lock in ``output_capturing.py``.
     """
+    return _run_once(LlavaForConditionalGeneration, tiny_llava_config(**config_kwargs), seed, dtype, tiny_llava_inputs)
+
+
+def _run_once(model_class, config, seed: int, dtype: torch.dtype, make_inputs):
+    """``model_class(config)`` with weights drawn from ``seed``, in eval mode and ``dtype``, run once
+    eagerly on ``make_inputs(model)`` (see :func:`tiny_llava` for why)."""
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(tiny_llava_config(**config_kwargs)).eval().to(dtype)
+    model = model_class(config).eval().to(dtype)
     with torch.no_grad():
-        model(**tiny_llava_inputs(model))
+        model(**make_inputs(model))
     return model
+
+
+def _left_padded(pad: tuple[int, ...], batch: int, prefix: int, text, body) -> torch.Tensor:
+    """``[B, T]`` ids: per sample ``pad[b]`` pad tokens, ``text(prefix + …)`` so that every row has one
+    length, then the tensors of ``body()`` (called once per sample, in sample order)."""
+    pad = tuple(pad) + (0,) * (batch - len(pad))
+    width = max(pad)
+    return torch.stack([torch.cat([torch.full((p,), PAD_TOKEN_ID), text(prefix + width - p), *body()]) for p in pad])
 
 
 def tiny_llava_inputs(
@@ -100,8 +114,6 @@ def tiny_llava_inputs(
     vocab = model.config.text_config.vocab_size
     n_img = num_visual_tokens(model) if with_image else 0
     padded = bool(pad)
-    pad = tuple(pad) + (0,) * (batch - len(pad))
-    width = max(pad)
 
     def text(n):
         ids = torch.randint(1, vocab, (n,), generator=gen)
@@ -110,15 +122,10 @@ def tiny_llava_inputs(
     def image_and_text(i):
         return [torch.full((n_img,), IMAGE_TOKEN_ID), text(suffix if i == images - 1 else 3)]
 
-    rows = [
-        torch.cat([torch.full((p,), PAD_TOKEN_ID), text(prefix + width - p)]
-                  + [part for i in range(images) for part in image_and_text(i)])
-        for p in pad
-    ]
-    ids = torch.stack(rows)
+    ids = _left_padded(pad, batch, prefix, text, lambda: [part for i in range(images) for part in image_and_text(i)])
     inputs: dict[str, torch.Tensor] = {"input_ids": ids}
     if padded:
-        inputs["attention_mask"] = (torch.arange(ids.shape[1]) >= torch.tensor(pad)[:, None]).long()
+        inputs["attention_mask"] = (ids != PAD_TOKEN_ID).long()
     if with_image:
         vision = model.config.vision_config
         dtype = next(model.parameters()).dtype
@@ -177,11 +184,7 @@ def tiny_qwen2_vl(version: str = "2", seed: int = 0, num_layers: int = 4, attn: 
                           image_token_id=QWEN_IMAGE_ID, video_token_id=QWEN_VIDEO_ID,
                           vision_start_token_id=QWEN_VISION_START, vision_end_token_id=QWEN_VISION_END,
                           attn_implementation=attn)
-    torch.manual_seed(seed)
-    model = model_class(config).eval().to(dtype)
-    with torch.no_grad():
-        model(**tiny_qwen2_vl_inputs(model))
-    return model
+    return _run_once(model_class, config, seed, dtype, tiny_qwen2_vl_inputs)
 
 
 def tiny_qwen2_vl_inputs(model, batch: int = 1, grid: tuple[int, int] = (8, 8), frames: int = 0,
@@ -197,12 +200,11 @@ def tiny_qwen2_vl_inputs(model, batch: int = 1, grid: tuple[int, int] = (8, 8), 
     t = max(frames // vision.temporal_patch_size, 1) if frames else 1
     n = t * h * w // vision.spatial_merge_size**2
     token = QWEN_VIDEO_ID if frames else QWEN_IMAGE_ID
-    pad = tuple(pad) + (0,) * (batch - len(pad))
-    width = max(pad)
-    rows = [torch.cat([torch.full((p,), PAD_TOKEN_ID), torch.randint(3, 100, (prefix + width - p,), generator=gen),
-                       torch.tensor([QWEN_VISION_START]), torch.full((n,), token), torch.tensor([QWEN_VISION_END]),
-                       torch.randint(3, 100, (suffix,), generator=gen)]) for p in pad]
-    ids = torch.stack(rows)
+    def text(k):
+        return torch.randint(3, 100, (k,), generator=gen)
+
+    ids = _left_padded(pad, batch, prefix, text, lambda: [torch.tensor([QWEN_VISION_START]), torch.full((n,), token),
+                                                          torch.tensor([QWEN_VISION_END]), text(suffix)])
     patch = 3 * vision.temporal_patch_size * vision.patch_size**2
     dtype = next(model.parameters()).dtype
     pixels = torch.randn(batch * t * h * w, patch, generator=gen).to(dtype)
@@ -225,11 +227,7 @@ def tiny_llava_next(seed: int = 0, num_layers: int = 4, attn: str = "sdpa", dtyp
     config = LlavaNextConfig(vision_config=base.vision_config, text_config=base.text_config,
                              image_token_id=IMAGE_TOKEN_ID, pad_token_id=PAD_TOKEN_ID,
                              image_grid_pinpoints=[[16, 32], [32, 16], [32, 32]], attn_implementation=attn)
-    torch.manual_seed(seed)
-    model = LlavaNextForConditionalGeneration(config).eval().to(dtype)
-    with torch.no_grad():
-        model(**tiny_llava_next_inputs(model))
-    return model
+    return _run_once(LlavaNextForConditionalGeneration, config, seed, dtype, tiny_llava_next_inputs)
 
 
 def tiny_llava_next_inputs(model, batch: int = 1, image_size: tuple[int, int] = (32, 24), prefix: int = 5,
@@ -244,12 +242,10 @@ def tiny_llava_next_inputs(model, batch: int = 1, image_size: tuple[int, int] = 
     sizes = torch.tensor([list(image_size)] * batch)
     with torch.no_grad():
         n = model.model.get_image_features(pixels[:1], sizes[:1]).pooler_output[0].shape[0]
-    pad = tuple(pad) + (0,) * (batch - len(pad))
-    width = max(pad)
-    rows = [torch.cat([torch.full((p,), PAD_TOKEN_ID), torch.randint(1, 100, (prefix + width - p,), generator=gen),
-                       torch.full((n,), IMAGE_TOKEN_ID), torch.randint(1, 100, (suffix,), generator=gen)])
-            for p in pad]
-    ids = torch.stack(rows)
+    def text(k):
+        return torch.randint(1, 100, (k,), generator=gen)
+
+    ids = _left_padded(pad, batch, prefix, text, lambda: [torch.full((n,), IMAGE_TOKEN_ID), text(suffix)])
     return dict(input_ids=ids, attention_mask=(ids != PAD_TOKEN_ID).long(), pixel_values=pixels, image_sizes=sizes)
 
 

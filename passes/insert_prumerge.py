@@ -149,7 +149,7 @@ def run(ctx: RewriteContext) -> PassResult:
     if method in prumerge.ADAPTIVE:
         changed = _mask_decoder_attention(ctx, visual, outs[3])
         result.matched.append(f"{changed} decoder attention calls ignore the padding slots")
-        if not getattr(ctx, "ragged_batches", False):  # set by libra_fx.compile, whose forward masks decode steps
+        if not ctx.ragged_batches:  # set by libra_fx.compile, whose forward masks decode steps
             warnings.warn(
                 f"libra_fx: {method} under a bare torch.compile: forward outputs are exact, but decode steps on "
                 "the returned KV cache would attend to its padding slots; for generate() use "

@@ -95,8 +95,9 @@ def span_lengths(ctx: RewriteContext, scatters: list[fx.Node]) -> tuple:
     rows = [[] for _ in range(batch)]
     for scatter in scatters:
         features = scatter.args[2]
-        pieces, sizes = feature_pieces(features), {}
-        lengths = [sizes.setdefault(p, size_of(graph, *p)) for p in pieces]
+        pieces = feature_pieces(features)
+        sizes = {p: size_of(graph, *p) for p in dict.fromkeys(pieces)}  # one sym_size node per distinct piece
+        lengths = [sizes[p] for p in pieces]
         if not lengths:  # one flat tensor: as many equal images as samples
             total = concrete(value(features).shape[0])
             if not isinstance(total, int) or total % batch:
