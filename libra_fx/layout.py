@@ -104,14 +104,27 @@ def compress_visual_tokens(
     else:
         empty = [r - fewest for r in removed]  # samples that lose more tokens get empty slots in front
         extra_hidden, extra_key, extra_source, extra_merged = _assemble_per_sample(groups, b, d, empty, 4 * t + 4)
-    ranks = torch.arange(t, device=hidden.device).expand(b, t)
-    keys = torch.cat([torch.where(span, 4 * t + 4, 2 * ranks), extra_key], dim=1)
-    order = torch.sort(keys, dim=-1, stable=True).indices[:, : t - fewest]
+    new_hidden, (is_merged,), source = splice(hidden, span, extra_hidden, extra_key, extra_source,
+                                              [(False, extra_merged)], t - fewest)
+    return new_hidden, is_merged, source
 
-    pool = torch.cat([hidden, extra_hidden], dim=1)
-    is_merged = torch.cat([torch.zeros_like(span), extra_merged], dim=1)
-    source = torch.cat([ranks, extra_source], dim=1)
-    return gather_rows(pool, order), is_merged.gather(1, order), source.gather(1, order)
+
+def splice(hidden, span, new_hidden, new_key, new_source, flags, length):
+    """The compressed sequence: ``hidden``'s tokens outside ``span`` and the ``new_*`` tokens, in the
+    order of their sort keys, cut to ``length`` → ``(hidden', [flag', …], source)``.
+
+    Keys: ``2·i`` for input token ``i``, and ``4·T + 4`` (cut off) for the span tokens it replaces; a new
+    token's ``new_key`` is ``2·i`` to take span token ``i``'s place, ``2·i + 1`` to sit right after
+    input token ``i``, negative to come first. ``flags``: ``(value for the input tokens, [B, K] values
+    for the new ones)`` pairs, re-ordered alike.
+    """
+    b, t, _ = hidden.shape
+    ranks = torch.arange(t, device=hidden.device).expand(b, t)
+    keys = torch.cat([torch.where(span, 4 * t + 4, 2 * ranks), new_key], dim=1)
+    order = torch.sort(keys, dim=-1, stable=True).indices[:, :length]
+    flags = [torch.cat([torch.full_like(span, old), new], dim=1).gather(1, order) for old, new in flags]
+    source = torch.cat([ranks, new_source], dim=1)
+    return gather_rows(torch.cat([hidden, new_hidden], dim=1), order), flags, source.gather(1, order)
 
 
 def _units_by_length(rows) -> list:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from libra_fx.selectors import cosine_matrix, num_targets
+from libra_fx.selectors import cosine_matrix, num_targets, one_hot_targets, top_k
 
 NEIGHBOURS = 32  # k of the k-nearest-patch merge
 ADAPTIVE = ("prumerge", "prumerge_plus")
@@ -114,9 +114,7 @@ def plus_capacity(n: int) -> int:
 
 def top_fraction(a: torch.Tensor, ratio: float) -> torch.Tensor:
     """The fixed variant: the ``Nt = num_targets(N, ratio)`` most attended patches (lower rank on ties)."""
-    nt = num_targets(a.shape[-1], ratio)
-    order = torch.sort(a, dim=-1, descending=True, stable=True).indices[:, :nt]
-    return torch.zeros_like(a, dtype=torch.bool).scatter(1, order, True)
+    return one_hot_targets(top_k(a, num_targets(a.shape[-1], ratio)), a.shape[-1])
 
 
 def select(method: str, a: torch.Tensor, ratio: float = 0.0) -> torch.Tensor:
@@ -177,9 +175,13 @@ def neighbours(keys: torch.Tensor, ranks: torch.Tensor, k: int = NEIGHBOURS) -> 
     """The ``min(k, N−1)`` patches most cosine-similar to each patch of ``ranks`` (itself excluded;
     lower rank on ties): ``[S, C, k]``."""
     n = keys.shape[1]
-    sim = cosine_matrix(keys.gather(1, ranks[..., None].expand(*ranks.shape, keys.shape[-1])), keys)  # [S, C, N]
-    sim = sim.scatter(2, ranks[..., None], float("-inf"))
+    sim = _slot_similarity(keys, ranks).scatter(2, ranks[..., None], float("-inf"))
     return torch.sort(sim, dim=-1, descending=True, stable=True).indices[..., : min(k, n - 1)]
+
+
+def _slot_similarity(keys: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
+    """``cos(k[ranks[s, c]], k[s, j])`` for every slot and patch: ``[S, C, N]``."""
+    return cosine_matrix(keys.gather(1, ranks[..., None].expand(*ranks.shape, keys.shape[-1])), keys)
 
 
 def knn_merge(features: torch.Tensor, keys: torch.Tensor, a: torch.Tensor, ranks: torch.Tensor,
@@ -206,8 +208,7 @@ def merge_labels(keys: torch.Tensor, ranks: torch.Tensor, valid: torch.Tensor, k
     n = keys.shape[1]
     member = torch.zeros(*ranks.shape, n, dtype=torch.bool, device=keys.device)
     member = member.scatter(2, neighbours(keys.float(), ranks, k), True) & valid[..., None]
-    sim = cosine_matrix(keys.float().gather(1, ranks[..., None].expand(*ranks.shape, keys.shape[-1])), keys.float())
-    best = sim.masked_fill(~member, float("-inf")).argmax(1)  # [S, N]
+    best = _slot_similarity(keys.float(), ranks).masked_fill(~member, float("-inf")).argmax(1)  # [S, N]
     labels = torch.where(member.any(1), best, PRUNED)
     own = torch.arange(ranks.shape[1], device=keys.device).expand_as(ranks)
     slot_of = torch.full((ranks.shape[0], n + 1), -1, device=keys.device)

@@ -29,7 +29,7 @@ import torch
 
 from libra_fx import prumerge
 from libra_fx.hf_compat import kv_cache, returned_cache
-from libra_fx.layout import RECORDINGS
+from libra_fx.layout import RECORDINGS, splice
 from libra_fx.selectors import gather_rows
 
 
@@ -76,15 +76,10 @@ def vision_compress(
     at = spans.gather(1, ranks)  # input index each slot takes its position from
     at = torch.where(ok, at, spans[:, -1:]).reshape(b, k * slots)
     ok = ok.reshape(b, k * slots)
-    ranks_t = torch.arange(t, device=hidden.device).expand(b, t)
-    dropped = torch.full_like(ranks_t, 4 * t + 4)
-    keys_sort = torch.cat([torch.where(span, dropped, 2 * ranks_t), 2 * at + (~ok).long()], dim=1)
-    order = torch.sort(keys_sort, dim=-1, stable=True).indices[:, : t - k * n + k * slots]
-    pool = torch.cat([hidden, merged.reshape(b, k * slots, d)], dim=1)
-    is_merged = torch.cat([torch.zeros_like(span), ok], dim=1)
-    valid = torch.cat([torch.ones_like(span), ok], dim=1)
-    source = torch.cat([ranks_t, at], dim=1)
-    return gather_rows(pool, order), is_merged.gather(1, order), source.gather(1, order), valid.gather(1, order)
+    new_hidden, (is_merged, valid), source = splice(
+        hidden, span, merged.reshape(b, k * slots, d), 2 * at + (~ok).long(), at, [(False, ok), (True, ok)],
+        t - k * n + k * slots)
+    return new_hidden, is_merged, source, valid
 
 
 def mask_padding_slots(mask: torch.Tensor | None, valid: torch.Tensor, additive: bool = False) -> torch.Tensor:
