@@ -16,8 +16,7 @@ from __future__ import annotations
 import torch
 
 from libra_fx.hf_compat import kv_cache
-from libra_fx.methods import get_method
-from libra_fx.selectors import num_targets
+from libra_fx.methods import visual_token_counts
 
 
 def visual_runs(input_ids: torch.Tensor, token_ids: set[int]) -> list[list[int]]:
@@ -36,14 +35,13 @@ def visual_runs(input_ids: torch.Tensor, token_ids: set[int]) -> list[list[int]]
 
 def empty_slots(rows: list[list[int]], ratio: float, layers: tuple[int, ...], method: str, num_layers: int) -> list:
     """``[num_layers][B]``: empty slots in front of each sample in each layer's cache."""
-    c = int(get_method(method).compensation)
+    counts = [[[n, *visual_token_counts(n, ratio, len(layers), method)] for n in row] for row in rows]
     per_layer, total, start = [], [0] * len(rows), 0
-    for layer in layers:
-        kept = [[num_targets(n, ratio) for n in row] for row in rows]
-        removed = [sum(n - k - c for n, k in zip(row, ks)) for row, ks in zip(rows, kept)]
+    for stage, layer in enumerate(layers):
+        removed = [sum(span[stage] - span[stage + 1] for span in spans) for spans in counts]
         per_layer += [list(total)] * (layer + 1 - start)
         total = [t + r - min(removed) for t, r in zip(total, removed)]
-        rows, start = kept, layer + 1
+        start = layer + 1
     return per_layer + [list(total)] * (num_layers - start)
 
 
