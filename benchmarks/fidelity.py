@@ -1,6 +1,6 @@
 """Fidelity harness: how much of the shipped shapes LLaVA's accuracy each method keeps.
 
-For every method of ``libra_fx.methods.METHODS`` × keep ratio (50 %, 33 %, 20 %, 12.5 % of a
+For every decoder-side method (``libra_fx.methods.DECODER_METHODS``) × keep ratio (50 %, 33 %, 20 %, 12.5 % of a
 stage's visual tokens) × schedule (one stage after layer 4, two after layers 2 and 5), the model
 runs through the real backend (``libra_fx.backend``, the passes' rewritten FX graph; ``--compiler
 inductor`` hands it to Inductor too) on the held-out split, and the harness reports
@@ -8,25 +8,26 @@ inductor`` hands it to Inductor too) on the held-out split, and the harness repo
 * accuracy and its retention vs the uncompressed model,
 * top-1 agreement with the uncompressed answer and the KL divergence of the answer distribution
   (``KL(uncompressed ‖ compressed)`` over the vocabulary, nats, mean over questions),
-* visual tokens after each stage and the FLOPs ratio (SPEC §7, this model's d, m and 144 tokens),
+* visual tokens after each stage and the FLOPs ratio (contract §7, this model's d, m and 144 tokens),
 
 plus the model's visual dependence per layer (accuracy when every visual token is dropped after
 layer ``L``). The vision-side methods (``libra_fx.methods.VISION_METHODS``) compress once, before
 decoder layer 0 (schedule "vision side"): ``prumerge_fixed`` at the same keep ratios, ``prumerge`` and
 ``prumerge_plus`` once each (adaptive: the row's keep is the measured mean kept count per picture,
 its FLOPs ratio the mean over pictures of each picture's measured count). Writes ``fidelity.md``,
-``fidelity.csv`` and ``fidelity.png`` (accuracy vs FLOPs ratio, one line per method and schedule) to
+``fidelity.csv`` and ``fidelity.png`` (accuracy vs FLOPs ratio, one line per method and schedule,
+drawn by ``libra_fx.reports.plot.fidelity_plot`` with matplotlib: ``pip install 'libra-fx[viz]'``) to
 ``--out``::
 
     python benchmarks/fidelity.py --n 512 --out docs/        # about 20 minutes on 2 cores
     python benchmarks/fidelity.py --n 1024 --out docs/ --methods prumerge prumerge_plus prumerge_fixed --merge
+    python benchmarks/fidelity.py --plot-only --out docs/    # redraw docs/fidelity.png from docs/fidelity.csv
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import math
 import os
 import time
 import warnings
@@ -35,16 +36,15 @@ import torch
 
 import libra_fx
 from libra_fx import shapes_task as st
-from libra_fx.flops import DecoderShape, total_flops
-from libra_fx.methods import METHODS, VISION_METHODS, is_vision_method, visual_token_counts
-from libra_fx.prumerge import ADAPTIVE, capacity
-from libra_fx.token_map import write_png
+from libra_fx.reports.flops import DecoderShape, total_flops
+from libra_fx.methods import METHODS, VISION_METHODS, get_method, is_vision_method, visual_token_counts
+
+ADAPTIVE = tuple(name for name in VISION_METHODS if get_method(name).adaptive)
+from libra_fx.reports.plot import fidelity_plot, read_rows
 
 KEEP = (0.5, 0.33, 0.2, 0.125)
 SCHEDULES = {"1 stage": st.DEFAULT_LAYERS, "2 stages": st.DEFAULT_TWO_STAGE_LAYERS}
 VISION = "vision side"  # the vision-side methods' schedule: once, before decoder layer 0
-PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 200, 200),
-           (240, 50, 230), (128, 128, 0), (0, 0, 128), (170, 110, 40)]
 
 
 def ratio_of(keep: float) -> float:
@@ -73,9 +73,10 @@ def evaluate(model, data, method, ratio, layers, batch, compiler):
 
     def run(**inputs):
         out = forward(**inputs)
-        if be.side_outputs is not None:  # (source, valid): one picture per question, C slots each
-            padding.append((~be.side_outputs[1]).sum(-1))
-            be.side_outputs = None
+        side = be.state.side_outputs
+        if side is not None:  # source, valid: one picture per question, C slots each
+            padding.append((~side["valid"]).sum(-1))
+            be.state.side_outputs = None
         return out
 
     with warnings.catch_warnings():
@@ -85,80 +86,15 @@ def evaluate(model, data, method, ratio, layers, batch, compiler):
     if not is_vision_method(method):
         return logits, None
     assert len(padding) * batch == len(logits), "a vision-side run returned no side outputs"
-    return logits, capacity(method, st.NUM_VISUAL_TOKENS, ratio) - torch.cat(padding)
-
-
-def read_rows(path):
-    with open(path) as f:
-        return [{k: (v if k in ("method", "schedule", "layers", "visual_tokens") else float(v)) for k, v in r.items()}
-                for r in csv.DictReader(f)]
-
-
-def plot(rows, path, width=720, height=440, xlim=(0.3, 1.0), ylim=(0.6, 1.0)):
-    """Accuracy (y, ``ylim``) vs FLOPs ratio (x, ``xlim``): one polyline per method and schedule, solid
-    for one stage and the vision side, dotted for two; the uncompressed model is the black square at
-    (1, its accuracy); grid lines at tenths of each range. A point below a lower limit moves that limit
-    down (x: to a multiple of 0.2, y: of 0.1). Colours in the order of ``rows``' methods."""
-    xlim = (min([xlim[0]] + [math.floor(r["flops_ratio"] * 5) / 5 for r in rows]), xlim[1])
-    ylim = (min([ylim[0]] + [math.floor(r["accuracy"] * 10) / 10 for r in rows]), ylim[1])
-    img = torch.full((height, width, 3), 255, dtype=torch.uint8)
-    x0, y0, x1, y1 = 50, height - 40, width - 20, 20
-
-    def px(fx, acc):
-        fx = (fx - xlim[0]) / (xlim[1] - xlim[0])
-        acc = min(max((acc - ylim[0]) / (ylim[1] - ylim[0]), 0.0), 1.0)
-        return int(x0 + fx * (x1 - x0)), int(y0 - acc * (y0 - y1))
-
-    for i in range(11):
-        gx = px(xlim[0] + i / 10 * (xlim[1] - xlim[0]), ylim[0])[0]
-        gy = px(xlim[0], ylim[0] + i / 10 * (ylim[1] - ylim[0]))[1]
-        img[y1:y0 + 1, gx] = 225
-        img[gy, x0:x1 + 1] = 225
-        img[y0:y0 + 6, gx] = 0
-        img[gy, x0 - 6:x0] = 0
-    img[y1:y0 + 1, x0] = 0
-    img[y0, x0:x1 + 1] = 0
-
-    def dot(x, y, colour, r=3):
-        img[max(y - r, 0):y + r + 1, max(x - r, 0):x + r + 1] = torch.tensor(colour, dtype=torch.uint8)
-
-    def line(a, b, colour, dotted):
-        n = max(abs(b[0] - a[0]), abs(b[1] - a[1]), 1)
-        for t in range(n + 1):
-            if dotted and (t // 4) % 2:
-                continue
-            x = round(a[0] + (b[0] - a[0]) * t / n)
-            y = round(a[1] + (b[1] - a[1]) * t / n)
-            img[y - 1:y + 1, x - 1:x + 1] = torch.tensor(colour, dtype=torch.uint8)
-
-    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "uncompressed"))
-    for r in rows:
-        if r["method"] == "uncompressed":
-            dot(*px(1.0, r["accuracy"]), (0, 0, 0), 5)
-    for m_i, method in enumerate(methods):
-        colour = PALETTE[m_i % len(PALETTE)]
-        for s_i, schedule in enumerate([*SCHEDULES, VISION]):
-            pts = sorted((r["flops_ratio"], r["accuracy"]) for r in rows
-                         if r["method"] == method and r["schedule"] == schedule)
-            pts = [px(*p) for p in pts]
-            for a, b in zip(pts, pts[1:]):
-                line(a, b, colour, dotted=s_i == 1)
-            for p in pts:
-                dot(*p, colour, 3 if s_i == 0 else 2)
-    # legend: a colour swatch per method, in order, top-left inside the axes (names in the README)
-    for m_i in range(len(methods)):
-        y = y1 + 8 + 14 * m_i
-        img[y:y + 8, x0 + 10:x0 + 34] = torch.tensor(PALETTE[m_i % len(PALETTE)], dtype=torch.uint8)
-    write_png(path, img)
-    return methods
+    return logits, get_method(method).capacity(st.NUM_VISUAL_TOKENS, ratio) - torch.cat(padding)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=512, help="held-out questions (a multiple of --batch)")
     p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--methods", nargs="*", default=None, choices=[*METHODS, *VISION_METHODS],
-                   help=f"default: all of {', '.join([*METHODS, *VISION_METHODS])}")
+    p.add_argument("--methods", nargs="*", default=None, choices=list(METHODS),
+                   help=f"default: all of {', '.join(METHODS)}")
     p.add_argument("--merge", action="store_true", help="keep --out/fidelity.csv's rows of the other methods "
                    "(measured with the same --n and checkpoint) and replace those of --methods")
     p.add_argument("--keep", nargs="*", type=float, default=list(KEEP))
@@ -166,11 +102,15 @@ def main(argv=None):
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--no-dependence", action="store_true")
     p.add_argument("--out", default="docs")
-    p.add_argument("--replot", action="store_true", help="only redraw the plot from --out/fidelity.csv")
+    p.add_argument("--plot-only", "--replot", dest="plot_only", action="store_true",
+                   help="only redraw --out/fidelity.png from --out/fidelity.csv (no benchmark run)")
     args = p.parse_args(argv)
-    if args.replot:
-        return plot(read_rows(os.path.join(args.out, "fidelity.csv")), os.path.join(args.out, "fidelity.png"))
-    methods = args.methods or [*METHODS, *VISION_METHODS]
+    if args.plot_only:
+        path = os.path.join(args.out, "fidelity.png")
+        methods = fidelity_plot(read_rows(os.path.join(args.out, "fidelity.csv")), path)
+        print(f"wrote {path}")
+        return methods
+    methods = args.methods or list(METHODS)
     os.makedirs(args.out, exist_ok=True)
     started = time.perf_counter()
 
@@ -239,7 +179,7 @@ def write_outputs(rows, lines, args, base_acc):
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    methods = plot(rows, os.path.join(args.out, "fidelity.png"))
+    methods = fidelity_plot(rows, os.path.join(args.out, "fidelity.png"))
     keeps = sorted({r["keep"] for r in rows if r["method"] not in ("uncompressed", *ADAPTIVE)}, reverse=True)
     md = [f"Shapes LLaVA, {args.n} held-out questions, uncompressed accuracy {base_acc:.1%}. "
           "Cells: accuracy (retention vs uncompressed). Through `libra_fx.backend` "
@@ -274,8 +214,6 @@ def write_outputs(rows, lines, args, base_acc):
     for r in rows:
         md.append(f"| {r['method']} | {r['schedule']} | {r['keep']:.3g} | {r['visual_tokens']} | {r['flops_ratio']:.2f} | "
                   f"{r['accuracy']:.1%} | {r['retention']:.1%} | {r['top1_agreement']:.1%} | {r['kl']:.4f} |")
-    md += ["", "Plot colours (in order): " + ", ".join(
-        f"`{m}` rgb{PALETTE[i % len(PALETTE)]}" for i, m in enumerate(methods))]
     with open(os.path.join(args.out, "fidelity.md"), "w") as f:
         f.write("\n".join(md) + "\n")
 

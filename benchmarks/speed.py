@@ -6,7 +6,7 @@ uncompressed Inductor row:
 
 * eager transformers,
 * uncompressed Inductor (``libra_fx.compile(model, ratio=0)``),
-* every method of ``libra_fx.methods.METHODS`` through ``libra_fx.compile`` at one token budget
+* every decoder-side method (``libra_fx.methods.DECODER_METHODS``) through ``libra_fx.compile`` at one token budget
   (``--ratio`` after ``--layer``),
 * a straightforward *eager FastV monkey-patch* at the same budget — hooks on the unmodified model
   that compute the last token's attention at layer K, cut the hidden states to the top tokens and
@@ -15,7 +15,7 @@ uncompressed Inductor row:
 
 Prefill = one forward of the prompt (``logits_to_keep=1``); decode = per token of ``generate``; e2e =
 ``generate(max_new_tokens=N)``. "FLOPs-ideal" is the prefill speed-up the decoder's token-layers
-promise (SPEC §7 formula over all tokens, text included). Compile time = first call minus a warm one.
+promise (contract §7 formula over all tokens, text included). Compile time = first call minus a warm one.
 Peak memory is ``torch.cuda.max_memory_allocated`` on a GPU (not measured on CPU)::
 
     python benchmarks/speed.py --layers 8 --hidden 1024 --new-tokens 16      # CPU, ~10 minutes
@@ -31,9 +31,9 @@ import time
 import torch
 
 import libra_fx
-from libra_fx.flops import layer_flops
-from libra_fx.importance import last_row_importance
-from libra_fx.methods import METHODS, visual_token_counts
+from libra_fx.reports.flops import layer_flops
+from libra_fx.methods.importance import last_row_importance
+from libra_fx.methods import DECODER_METHODS, visual_token_counts
 from libra_fx.testing import IMAGE_TOKEN_ID, tiny_llava, tiny_llava_inputs
 
 
@@ -114,10 +114,10 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--attn", default="sdpa")
-    p.add_argument("--methods", nargs="*", default=None, help=f"default: all of {', '.join(METHODS)}")
+    p.add_argument("--methods", nargs="*", default=None, help=f"default: all of {', '.join(DECODER_METHODS)}")
     args = p.parse_args(argv)
     dev, dtype = args.device, getattr(torch, args.dtype)
-    methods = args.methods if args.methods is not None else list(METHODS)
+    methods = args.methods if args.methods is not None else list(DECODER_METHODS)
 
     def build():
         torch._dynamo.reset()

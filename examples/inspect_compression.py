@@ -12,9 +12,9 @@ import os
 import torch
 
 import libra_fx
-from libra_fx.inspect import diff
+from libra_fx.reports.diff import diff
 from libra_fx.testing import synthetic_image, tiny_llava, tiny_llava_inputs
-from libra_fx.token_map import render, token_map, write_png
+from libra_fx.reports.token_map import render, token_map, write_png
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs")
 

@@ -8,7 +8,8 @@ script runs on CPU in a minute or two, no downloads:
   ``libra_fx.compile(model, ratio=RATIO, layers=LAYERS)`` (Inductor + libra) and prints both answers,
 * prints how many visual tokens the decoder layers see,
 * measures held-out accuracy with and without compression,
-* writes the kept-token map of the first picture to ``quickstart_token_map.png``.
+* writes the kept-token map of the first picture to ``outputs/quickstart_token_map.png`` (at the
+  repository root, git-ignored; drawn with Pillow: ``pip install 'libra-fx[viz]'``).
 
     python examples/quickstart.py
 """
@@ -16,15 +17,18 @@ script runs on CPU in a minute or two, no downloads:
 from __future__ import annotations
 
 import copy
+import os
 import time
 
 import torch
 
 import libra_fx
 from libra_fx import shapes_task as st
-from libra_fx.token_map import render, token_map, write_png
+from libra_fx.reports.token_map import render, token_map, write_png
 
 RATIO, LAYERS = 0.75, st.DEFAULT_LAYERS  # remove 75 % of the visual tokens after decoder layer 4
+# the pictures this demo draws: outputs/ at the repository root (git-ignored)
+OUTPUTS = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "outputs"))
 
 
 def answers(model, inputs):
@@ -73,10 +77,12 @@ def main() -> None:
           f"({acc_libra / acc:.1%} kept)")
 
     tmap = token_map(base, st.model_inputs(demo, 0, 1), "libra", RATIO, LAYERS)
-    write_png("quickstart_token_map.png", render(tmap, demo["pixel_values"][0], scale=3))
+    os.makedirs(OUTPUTS, exist_ok=True)
+    path = os.path.join(OUTPUTS, "quickstart_token_map.png")
+    write_png(path, render(tmap, demo["pixel_values"][0], scale=3))
     print("kept-token map of picture 1 (left: the picture and its 12×12 patches; right: after layer "
           f"{LAYERS[0]} — a colour per merged group, white frames on targets, dark hatched = compensation "
-          "token): quickstart_token_map.png")
+          f"token): {path}")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
 """libra-fx: visual-token compression for vision-language models, as TorchDynamo graph passes."""
 
-from libra_fx.dynamo_backend import CompileRecord, LibraBackend, LibraFallbackWarning, backend
 from libra_fx.api import compile
+from libra_fx.dynamo_backend import CompileRecord, LibraBackend, backend
 from libra_fx.config import CompressionConfig
-from libra_fx.methods import METHODS, VISION_METHODS, visual_token_counts
-from libra_fx.passes import UnsupportedGraph
+from libra_fx.errors import LibraFallbackWarning, UnsupportedGraph
+from libra_fx.methods import DECODER_METHODS, METHODS, VISION_METHODS, method, visual_token_counts
 
 __all__ = [
+    "DECODER_METHODS",
     "METHODS",
     "VISION_METHODS",
     "CompileRecord",
@@ -16,6 +17,7 @@ __all__ = [
     "UnsupportedGraph",
     "backend",
     "compile",
+    "method",
     "visual_token_counts",
 ]
 __version__ = "0.1.0"

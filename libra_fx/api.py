@@ -6,26 +6,26 @@
     out = model.generate(**inputs, max_new_tokens=64)
 
 It checks the settings against the model, switches the language model to the ``libra|…``
-attention (see :mod:`libra_fx.attention`), and replaces ``model.forward`` by a compiled forward
+attention (:mod:`libra_fx.sequence.attention`), and replaces ``model.forward`` by a compiled forward
 using :func:`libra_fx.backend`; ``generate`` calls ``self.forward``, so prefill and decode both go
 through the backend. Prefill is rewritten; decode steps hold no visual tokens and are compiled as
-they are, each layer attending to its own (full or compressed) KV cache.
+they are, each layer attending to its own (full or compressed) KV cache. What a decode step needs
+from its prefill lives in the model's :class:`~libra_fx.state.ModelState` (``model.libra_backend.state``).
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 
 import torch
 from transformers import DynamicCache
 
-from libra_fx import vision_layout
-from libra_fx.attention import use_libra_attention
+from libra_fx import families
 from libra_fx.dynamo_backend import LibraBackend
-from libra_fx.ragged import pass_empty_slots
 from libra_fx.hf_compat import kv_cache
-from libra_fx.methods import is_vision_method
-from libra_fx.models import check_architecture
+from libra_fx.sequence.attention import use_libra_attention
+from libra_fx.state import ModelState
 
 
 def num_decoder_layers(model) -> int:
@@ -33,13 +33,13 @@ def num_decoder_layers(model) -> int:
     return config.num_hidden_layers
 
 
-def compile(model, ratio=0.5, layers=(7, 15, 23), method="libra", tau=0.7, eta="mean", strict=False, *,
+def compile(model, ratio=0.5, layers=(7, 15, 23), method="libra", tau=None, eta=None, strict=False, *,
             compiler="inductor", fullgraph=False):  # noqa: A001  (mirrors torch.compile)
     """Compile ``model.forward`` with the libra backend in place; returns ``model``.
 
     Raises ``ValueError`` at once for a wrong setting, including a layer index beyond the
-    model's decoder. A model class outside :data:`libra_fx.models.SUPPORTED` is compiled
-    uncompressed, with a ``LibraFallbackWarning`` naming it (``strict=True``: ``UnsupportedGraph``).
+    model's decoder. A model of no family in :mod:`libra_fx.families` is compiled uncompressed,
+    with a ``LibraFallbackWarning`` naming it (``strict=True``: ``UnsupportedGraph``).
     The backend is ``model.libra_backend`` (its ``records`` say what happened).
     Prompts of new lengths recompile once, then share a graph with a symbolic length
     (Dynamo's automatic dynamic shapes): two prefill and two decode graphs in all.
@@ -47,49 +47,34 @@ def compile(model, ratio=0.5, layers=(7, 15, 23), method="libra", tau=0.7, eta="
     graph; the graph that holds the visual tokens and the decoder is compressed. Only the default
     dynamic KV cache is supported (``ValueError`` for a static one).
     """
-    be = LibraBackend(ratio, layers, method, tau, eta, strict, compiler=compiler)
-    be.skip_reason = check_architecture(model, strict)
+    family, refused = families.check_model(model, strict)
+    be = LibraBackend(ratio, layers, method, tau, eta, strict, compiler=compiler,
+                      state=ModelState(family, refused, serves_decode=True))
     model.libra_backend = be
-    if be.skip_reason is not None:
+    if family is None:
         model.forward = torch.compile(model.forward, backend=be, fullgraph=fullgraph)
         return model
-    num_layers = num_decoder_layers(model)
-    be.config.check_layers(num_layers)
-    be.ragged_batches = True  # the forward below passes the decode masks of ragged batches
+    be.config.check_layers(num_decoder_layers(model))
     use_libra_attention(model)
-    skip_feature_count_message(model)
+    family.install_shims(model)
     compiled = torch.compile(model.forward, backend=be, fullgraph=fullgraph)
-
-    vision_side = is_vision_method(be.config.method)
+    vision_side = be.config.spec.method.side == "vision"
 
     @functools.wraps(model.forward)
     def forward(*args, **kwargs):
         check_cache(kv_cache(kwargs))
-        kwargs = pass_empty_slots(model, be.config, num_layers, precompute_mrope_positions(model, kwargs))
+        if vision_side:
+            kwargs = without_return_dict(kwargs)
+        kwargs = be.state.before_call(family.prepare_forward(model, kwargs))
         with torch._dynamo.config.patch(capture_scalar_outputs=True):  # no break at feature-count checks
-            if vision_side:  # PruMerge: decode steps see the compressed prompt's layout (libra_fx.vision_layout)
-                return vision_layout.call_compiled(compiled, be, args, kwargs)
-            return compiled(*args, **kwargs)
+            out = compiled(*args, **kwargs)
+        be.state.after_call(args, kwargs, out)
+        return out
 
     if vision_side:  # keep the vision tower inside the compiled forward under generate()
-        forward.__signature__ = vision_layout.signature_for_generate(model.forward)
+        forward.__signature__ = signature_for_generate(model.forward)
     model.forward = forward
     return model
-
-
-def precompute_mrope_positions(model, kwargs: dict) -> dict:
-    """Qwen2-VL-style models work out their 3-D (M-RoPE) position ids inside ``forward`` with
-    data-dependent loops, whose graph breaks cut the visual tokens off from the decoder.
-    ``generate`` passes them in; for a plain ``model(...)`` prefill they are computed here the same
-    way, by the model's own ``compute_3d_position_ids``, before the compiled forward."""
-    compute = getattr(getattr(model, "model", None), "compute_3d_position_ids", None)
-    cache = kv_cache(kwargs)
-    if (compute is None or kwargs.get("position_ids") is not None or kwargs.get("input_ids") is None
-            or cache is not None and cache.get_seq_length() > 0
-            or kwargs.get("image_grid_thw") is None and kwargs.get("video_grid_thw") is None):
-        return kwargs
-    names = ("input_ids", "image_grid_thw", "video_grid_thw", "attention_mask", "mm_token_type_ids")
-    return dict(kwargs, position_ids=compute(inputs_embeds=None, **{k: kwargs.get(k) for k in names}))
 
 
 def check_cache(cache) -> None:
@@ -102,36 +87,19 @@ def check_cache(cache) -> None:
         )
 
 
-class _FeatureCount:
-    """Stands in for the visual features in ``get_placeholder_mask``: the same ``numel()`` (so
-    the count is still checked), and a constant ``shape`` for the error message."""
+def signature_for_generate(forward) -> inspect.Signature:
+    """``forward``'s signature without ``mm_encoder_outputs``.
 
-    shape = (-1, 1)
-
-    def __init__(self, features):
-        self.features = features
-
-    def numel(self):
-        return self.features.numel()
-
-
-def skip_feature_count_message(model) -> None:
-    """Let images of a new size share the compiled graph (one recompile, then a symbolic size).
-
-    ``get_placeholder_mask(input_ids, inputs_embeds, image_features, …)`` checks the feature
-    count with an error message that formats ``image_features.shape[0]``; formatting a symbolic
-    size makes Dynamo specialise it, so every image size would recompile. On this model instance
-    the features are handed over as :class:`_FeatureCount`: the same check, a constant message.
+    transformers ≥ 5.2x ``generate()`` runs the vision tower *before* the first forward (and passes
+    ``mm_encoder_outputs``) when forward accepts that argument; the vision-side methods need the
+    tower inside the compiled graph, so ``libra_fx.compile`` hides it and ``pixel_values`` reach forward.
     """
-    base = getattr(model, "model", None)
-    method = getattr(base, "get_placeholder_mask", None)
-    if method is None or getattr(method, "libra_fx", False):
-        return
+    sig = inspect.signature(forward)
+    return sig.replace(parameters=[p for name, p in sig.parameters.items() if name != "mm_encoder_outputs"])
 
-    def get_placeholder_mask(input_ids, inputs_embeds, *features, **named):
-        features = [None if f is None else _FeatureCount(f) for f in features]
-        named = {k: None if f is None else _FeatureCount(f) for k, f in named.items()}
-        return method(input_ids, inputs_embeds, *features, **named)
 
-    get_placeholder_mask.libra_fx = True
-    base.get_placeholder_mask = get_placeholder_mask
+def without_return_dict(kwargs: dict) -> dict:
+    """generate() passes ``return_dict=True``, the default; with it Dynamo (torch 2.13) cannot trace
+    transformers' output-capturing wrapper of ``get_image_features`` ("mapping proxy affected by
+    dictionary mutation"), and the vision-side methods need the vision tower traced."""
+    return {k: v for k, v in kwargs.items() if not (k == "return_dict" and v is True)}

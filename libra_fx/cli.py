@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 import libra_fx
-from libra_fx import flops
+from libra_fx.reports import flops
 from libra_fx.methods import METHODS, VISION_METHODS
 
 
@@ -21,21 +21,22 @@ def _layers(text: str) -> tuple[int, ...]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="libra-fx", description="Visual-token compression tools.")
     commands = parser.add_subparsers(dest="command", required=True)
-    report = commands.add_parser("flops", help="FLOPs of the visual tokens (SPEC §7) for a model shape and schedule")
+    report = commands.add_parser("flops", help="FLOPs of the visual tokens (contract §7) for a model shape and schedule")
     report.add_argument("--preset", choices=flops.PRESETS, default="llava-1.5-7b")
     report.add_argument("--visual-tokens", type=int, help="override the preset's visual-token count")
-    report.add_argument("--method", choices=[*METHODS, *VISION_METHODS], default="libra")
+    report.add_argument("--method", choices=list(METHODS), default="libra")
     report.add_argument("--ratio", type=float, default=0.5)
     report.add_argument("--layers", type=_layers, help="stage layers, e.g. 7,15,23 (default: the paper's for the preset)")
     report.add_argument("--no-compensation", action="store_true", help="leave compensation tokens out of the count")
     report.add_argument("--kept", type=int, help="prumerge / prumerge_plus: the kept tokens of a measured image "
                         "(default: the typical count)")
     for name, helptext in (("diff", "the graph before and after the passes, by decoder layer"),
-                           ("show", "a PNG of which image patches each stage kept, merged or dropped")):
+                           ("show", "a PNG of which image patches each stage kept, merged or dropped "
+                                    "(Pillow: the [viz] extra)")):
         sub = commands.add_parser(name, help=helptext)
         sub.add_argument("--model", choices=["tiny-llava"], default="tiny-llava",
                          help="a built-in random-weight model (4 layers, 36 visual tokens)")
-        sub.add_argument("--method", choices=[*METHODS, *VISION_METHODS], default="libra")
+        sub.add_argument("--method", choices=list(METHODS), default="libra")
         sub.add_argument("--ratio", type=float, default=0.5)
         sub.add_argument("--layers", type=_layers, default=(1, 2), help="stage layers, e.g. 1,2")
         sub.add_argument("--out", help="write here (diff: .html for the page, else text; show: the PNG)")
@@ -62,7 +63,7 @@ def _tiny_model_and_inputs():
 def _diff(args) -> str:
     import torch
 
-    from libra_fx.inspect import diff
+    from libra_fx.reports.diff import diff
 
     model, inputs = _tiny_model_and_inputs()
     be = libra_fx.backend(args.ratio, args.layers, args.method, strict=True, compiler="eager")
@@ -73,7 +74,7 @@ def _diff(args) -> str:
 
 
 def _show(args) -> None:
-    from libra_fx.token_map import render, token_map, write_png
+    from libra_fx.reports.token_map import render, token_map, write_png
 
     model, inputs = _tiny_model_and_inputs()
     tmap = token_map(model, inputs, args.method, args.ratio, args.layers)

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-from libra_fx.methods import get_method, is_vision_method
+from libra_fx.methods.registry import MethodSpec, method as method_spec
 
 
 @dataclass(frozen=True)
 class CompressionConfig:
     """``ratio``: fraction of each stage's visual tokens removed, ``0 ≤ ratio < 1``.
     ``layers``: 0-indexed decoder layers after which a stage compresses (ascending, distinct).
-    ``method``: a name from :data:`libra_fx.METHODS`. ``tau``: cosine threshold of IGM.
-    ``eta``: IGM softmax temperature, ``"mean"`` (mean importance of the span) or a positive float.
+    ``spec``: the method and its options (:func:`libra_fx.method`).
 
     Vision-side methods (``prumerge``, ``prumerge_plus``, ``prumerge_fixed``) compress once, before
     decoder layer 0: ``layers`` is ignored (stored as ``()``), and only ``prumerge_fixed`` reads
@@ -22,9 +20,7 @@ class CompressionConfig:
 
     ratio: float = 0.5
     layers: tuple[int, ...] = (7, 15, 23)
-    method: str = "libra"
-    tau: float = 0.7
-    eta: float | str = "mean"
+    spec: MethodSpec = method_spec("libra")
 
     def __post_init__(self):
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 <= self.ratio < 1:
@@ -36,21 +32,33 @@ class CompressionConfig:
         layers = tuple(self.layers)
         if any(i < 0 for i in layers) or list(layers) != sorted(set(layers)):
             raise ValueError(f"layers must be distinct, non-negative and ascending, got {layers!r}")
-        object.__setattr__(self, "layers", layers)
-        if is_vision_method(get_method(self.method).name):
-            object.__setattr__(self, "layers", ())
-        if not isinstance(self.tau, (int, float)) or math.isnan(self.tau):
-            raise ValueError(f"tau must be a number, got {self.tau!r}")
-        if self.eta != "mean" and (
-            isinstance(self.eta, bool) or not isinstance(self.eta, (int, float)) or not self.eta > 0
-        ):
-            raise ValueError(f"eta must be 'mean' or a positive number, got {self.eta!r}")
+        object.__setattr__(self, "layers", () if self.spec.method.side == "vision" else layers)
+
+    @classmethod
+    def build(cls, ratio=0.5, layers=(7, 15, 23), method="libra", tau=None, eta=None) -> CompressionConfig:
+        """From the backend's keyword arguments: ``method`` a name or a :class:`MethodSpec`;
+        ``tau``/``eta``, when given, are options of a named method (``ValueError`` if it takes none)."""
+        given = {k: v for k, v in (("tau", tau), ("eta", eta)) if v is not None}
+        if isinstance(method, MethodSpec):
+            if given:
+                raise ValueError(f"give tau/eta inside libra_fx.method({method.name!r}, ...), not beside it")
+            spec = method
+        elif isinstance(method, str):
+            spec = method_spec(method, **given)
+        else:
+            raise ValueError(f"method must be a name or libra_fx.method(...), got {method!r}")
+        return cls(ratio=ratio, layers=layers, spec=spec)
+
+    @property
+    def method(self) -> str:
+        return self.spec.name
 
     @property
     def active(self) -> bool:
         """``False`` when no stage runs (``ratio == 0`` or ``layers == ()``): the graph is left untouched."""
-        if is_vision_method(self.method):
-            return self.method != "prumerge_fixed" or self.ratio > 0
+        m = self.spec.method
+        if m.side == "vision":
+            return m.adaptive or self.ratio > 0
         return self.ratio > 0 and len(self.layers) > 0
 
     def check_layers(self, num_layers: int) -> None:
@@ -61,3 +69,7 @@ class CompressionConfig:
                 f"layer index {bad[0]} is out of range: the model has {num_layers} decoder layers "
                 f"(valid indices 0..{num_layers - 1}); got layers={self.layers}"
             )
+
+    def describe(self) -> str:
+        options = ", ".join(f"{k}={v!r}" for k, v in self.spec.items())
+        return f"ratio={self.ratio}, layers={self.layers}, method={self.method!r}" + (f", {options}" if options else "")

@@ -14,17 +14,15 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 from torch._logging import trace_structured
 
-from libra_fx import fx_utils
 from libra_fx.config import CompressionConfig
-from libra_fx.inspect import diff
-from libra_fx.passes import NothingToCompress, PassResult, RewriteContext, UnsupportedGraph, run_pipeline
-from libra_fx.passes.insert_prumerge import SIDE_OUTPUTS
+from libra_fx.errors import LibraFallbackWarning, NothingToCompress, UnsupportedGraph
+from libra_fx.passes import fx_utils, run_pipeline
+from libra_fx.passes.context import PassResult, RewriteContext
+from libra_fx.passes.return_side_outputs import SIDE_OUTPUTS
+from libra_fx.reports.diff import diff
+from libra_fx.state import ModelState
 
 COMPILERS = ("inductor", "eager")
-
-
-class LibraFallbackWarning(UserWarning):
-    """A graph was compiled uncompressed because the passes could not rewrite it."""
 
 
 @dataclass
@@ -47,23 +45,23 @@ class LibraBackend:
 
     ``records`` holds a :class:`CompileRecord` per captured graph, newest last (a forward with
     graph breaks has several; the most recent 32 are kept); ``last`` is the newest.
-    ``compiler="eager"`` runs the rewritten FX graph without Inductor (for debugging).
+    ``compiler="eager"`` runs the rewritten FX graph without Inductor (for debugging);
+    ``record=True`` (eager only) also returns each stage's targets and token labels, in
+    ``state.side_outputs`` (kept-token maps). ``state`` is the model's :class:`~libra_fx.state.ModelState`
+    (``libra_fx.compile`` passes one; a bare backend owns one that serves no decode step).
     """
 
-    def __init__(self, ratio=0.5, layers=(7, 15, 23), method="libra", tau=0.7, eta="mean",
-                 strict=False, *, compiler="inductor"):
-        self.config = CompressionConfig(ratio=ratio, layers=layers, method=method, tau=tau, eta=eta)
+    def __init__(self, ratio=0.5, layers=(7, 15, 23), method="libra", tau=None, eta=None,
+                 strict=False, *, compiler="inductor", record=False, state: ModelState | None = None):
+        self.config = CompressionConfig.build(ratio, layers, method, tau, eta)
         if compiler not in COMPILERS:
             raise ValueError(f"compiler must be one of {COMPILERS}, got {compiler!r}")
-        self.strict = strict
-        self.compiler = compiler
+        if record and compiler != "eager":
+            raise ValueError("record=True needs compiler='eager' (the records are Python lists of tensors)")
+        self.strict, self.compiler, self.record = strict, compiler, record
+        self.state = state or ModelState()
         warn_on_compiled_generate()
         self.records: list[CompileRecord] = []
-        # samples with different visual-token counts in one batch: their decode steps need the
-        # per-layer empty-slot counts that only ``libra_fx.compile``'s forward passes in
-        self.ragged_batches = False
-        self.skip_reason: str | None = None  # set by libra_fx.compile for an unsupported model class
-        self.side_outputs = None  # extra outputs of the last compressed run (vision-side methods: source, valid)
         self.__name__ = "libra"
 
     @property
@@ -71,25 +69,23 @@ class LibraBackend:
         return self.records[-1] if self.records else None
 
     def __repr__(self) -> str:
-        c = self.config
-        return (f"libra_fx.backend(ratio={c.ratio}, layers={c.layers}, method={c.method!r}, "
-                f"tau={c.tau}, eta={c.eta!r}, strict={self.strict})")
+        return f"libra_fx.backend({self.config.describe()}, strict={self.strict})"
 
     def __call__(self, gm: fx.GraphModule, example_inputs):
         record = self.rewrite(gm)
         self.records = self.records[-31:] + [record]
         compiled = self._compile(record.after if record.compressed else gm, example_inputs)
-        extra = record.after.meta.get(SIDE_OUTPUTS, 0) if record.compressed else 0
-        return self._keep_side_outputs(compiled, extra) if extra else compiled
+        names = record.after.meta.get(SIDE_OUTPUTS, ()) if record.compressed else ()
+        return self._keep_side_outputs(compiled, names) if names else compiled
 
-    def _keep_side_outputs(self, compiled, extra: int):
-        """Run ``compiled``, store its last ``extra`` outputs in ``self.side_outputs`` (read by
-        ``libra_fx.vision_layout``) and hand Dynamo only the outputs it traced."""
-        boxed = getattr(compiled, "_boxed_call", False)
+    def _keep_side_outputs(self, compiled, names: tuple[str, ...]):
+        """Run ``compiled``, hand its last ``len(names)`` outputs to ``self.state.side_outputs``, and
+        Dynamo only the outputs it traced."""
+        boxed, extra = getattr(compiled, "_boxed_call", False), len(names)
 
         def run(*args):
             out = compiled(*args)
-            self.side_outputs = tuple(out[-extra:])
+            self.state.side_outputs = dict(zip(names, out[-extra:]))
             return type(out)(out[:-extra]) if isinstance(out, tuple) else out[:-extra]
 
         if boxed:
@@ -100,9 +96,10 @@ class LibraBackend:
         """Run the pass pipeline on a copy of ``gm``; ``gm`` itself is left as it was."""
         if not self.config.active:
             return CompileRecord(False, "ratio=0 or layers=(): nothing to do")
-        if self.skip_reason is not None:
-            return CompileRecord(False, self.skip_reason, before=gm)
-        ctx = RewriteContext(fx_utils.clone(gm), self.config, ragged_batches=self.ragged_batches)
+        if self.state.refused is not None:
+            return CompileRecord(False, self.state.refused, before=gm)
+        ctx = RewriteContext(fx_utils.clone(gm), self.config, family=self.state.family,
+                             serves_decode=self.state.serves_decode, record=self.record)
         try:
             passes = run_pipeline(ctx)
         except NothingToCompress as e:
@@ -129,10 +126,14 @@ class LibraBackend:
         return compile_fx(fx_utils.clone(gm), example_inputs)  # Inductor mutates what it is given
 
 
-def backend(ratio=0.5, layers=(7, 15, 23), method="libra", tau=0.7, eta="mean", strict=False, *,
-            compiler="inductor") -> LibraBackend:
-    """Build a backend for ``torch.compile``; arguments are validated here (``ValueError``)."""
-    return LibraBackend(ratio, layers, method, tau, eta, strict, compiler=compiler)
+def backend(ratio=0.5, layers=(7, 15, 23), method="libra", tau=None, eta=None, strict=False, *,
+            compiler="inductor", record=False) -> LibraBackend:
+    """Build a backend for ``torch.compile``; arguments are validated here (``ValueError``).
+
+    ``method``: a name, or :func:`libra_fx.method` with options (``libra_fx.method("turbo", lam=0.5)``);
+    ``tau``/``eta`` are the options of ``libra`` (and ``eta`` of ``igm_pos``/``igm_neg``) given by name.
+    """
+    return LibraBackend(ratio, layers, method, tau, eta, strict, compiler=compiler, record=record)
 
 
 def libra_backend(gm: fx.GraphModule, example_inputs):

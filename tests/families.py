@@ -98,3 +98,24 @@ def ragged_llava_next(model, sizes=((32, 24), (16, 16)), seed=0) -> tuple[dict, 
     batch = dict(input_ids=ids, attention_mask=(ids != PAD_TOKEN_ID).long(), pixel_values=pixels,
                  image_sizes=torch.cat([x["image_sizes"] for x in alone]))
     return batch, alone
+
+
+def tiny_gemma3(seed: int = 0):
+    """A random-weight Gemma3 (SigLIP tower, 4 visual tokens per image, sliding-window layers). Its image
+    tokens attend to each other in both directions: a family the passes must refuse, not rewrite."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    config = Gemma3Config(
+        text_config=dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                         sliding_window=16, pad_token_id=PAD_TOKEN_ID),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        mm_tokens_per_image=4, image_token_index=100, boi_token_index=101, eoi_token_index=102,
+        attn_implementation="sdpa")
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(config).eval()
+    ids = torch.randint(1, 99, (1, 16), generator=torch.Generator().manual_seed(seed))
+    ids[0, 5:9] = 100
+    inputs = dict(input_ids=ids, pixel_values=torch.randn(1, 3, 32, 32), token_type_ids=(ids == 100).long())
+    return model, inputs

@@ -12,7 +12,7 @@ After each compression layer it computes the importance alpha from that layer's 
 rewrites the sequence with plain Python loops over samples, spans and targets.
 
 Public entry points: :func:`oracle_logits` (prefill logits) and :func:`oracle_generate` (greedy
-generation, compression in prefill only, per-layer KV caches of different lengths; SPEC §5).
+generation, compression in prefill only, per-layer KV caches of different lengths; contract §5).
 
 Decisions taken where SPEC leaves room (see also the report / README):
 
@@ -105,7 +105,7 @@ def _top_k_in_order(scores: list[float], k: int) -> list[int]:
 
 
 def select_pti(alpha: list[float], nt: int) -> list[int]:
-    """SPEC §3: one target per interval, the interval's argmax of alpha (first on ties)."""
+    """contract §3: one target per interval, the interval's argmax of alpha (first on ties)."""
     n = len(alpha)
     targets = []
     for i in range(nt):
@@ -160,7 +160,7 @@ def compress_igm(
     eta: float,
     make_compensation: bool = True,
 ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    """SPEC §4. Returns ([m_0 .. m_{Nt-1}], c or None), all float32."""
+    """contract §4. Returns ([m_0 .. m_{Nt-1}], c or None), all float32."""
     n = len(alpha)
     nt = len(targets)
     is_target = {t: i for i, t in enumerate(targets)}
@@ -281,7 +281,7 @@ def _position_ids(toks: list[list[_Tok]]) -> torch.Tensor:
 
 def _importance(layer, h_in: torch.Tensor, mask: torch.Tensor, cos, sin, toks,
                 apply_rope=apply_rotary_pos_emb) -> list[list[float]]:
-    """SPEC §2: last-query attention row of ``layer``, mean over heads, float32. [B][T]."""
+    """contract §2: last-query attention row of ``layer``, mean over heads, float32. [B][T]."""
     attn = layer.self_attn
     x = layer.input_layernorm(h_in)
     B, T, _ = x.shape
@@ -634,7 +634,7 @@ def oracle_logits(model, input_ids, pixel_values=None, attention_mask=None, *,
 
 
 # --------------------------------------------------------------------------------------------
-# Generation (SPEC §5: compression in prefill only, each layer decodes against its own cache)
+# Generation (contract §5: compression in prefill only, each layer decodes against its own cache)
 # --------------------------------------------------------------------------------------------
 
 

@@ -66,20 +66,22 @@ def _no_decoder_inputs():
     return ids, torch.randn(1, 3, 2, 2)
 
 
-def test_graph_without_a_decoder_falls_back_with_a_warning():
+def test_model_of_no_known_family_falls_back_with_a_warning():
+    """The bare backend recognises no family in this graph: refused before any rewrite (the
+    no-decoder message itself is checked in tests/passes/test_locate_decoder.py)."""
     model, (ids, pix) = NoDecoderLayers(), _no_decoder_inputs()
     torch._dynamo.reset()
     be = libra_fx.backend(layers=(0,))
-    with pytest.warns(libra_fx.LibraFallbackWarning, match="compiling this graph uncompressed: the visual tokens enter the embeddings in this graph, but no decoder layer"):
+    with pytest.warns(libra_fx.LibraFallbackWarning, match=r"compiling this graph uncompressed: the model \(Embedding, Linear\) belongs to no family libra-fx has an adapter for"):
         out = torch.compile(model, backend=be)(ids, pix)
     assert not be.last.compressed
     torch.testing.assert_close(out, model(ids, pix))
 
 
-def test_graph_without_a_decoder_raises_under_strict():
+def test_model_of_no_known_family_raises_under_strict():
     model, (ids, pix) = NoDecoderLayers(), _no_decoder_inputs()
     torch._dynamo.reset()
-    with pytest.raises(BackendCompilerFailed, match="no decoder layer"):
+    with pytest.raises(BackendCompilerFailed, match="belongs to no family"):
         torch.compile(model, backend=libra_fx.backend(layers=(0,), strict=True))(ids, pix)
 
 

@@ -1,11 +1,11 @@
-"""The backend's logits equal the independent eager oracle (tests/oracle.py), SPEC §1–§6."""
+"""The backend's logits equal the independent eager oracle (tests/oracle.py), contract §1–§6."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from libra_fx import METHODS
+from libra_fx import DECODER_METHODS
 from libra_fx.testing import tiny_llava, tiny_llava_inputs
 from oracle import oracle_logits
 
@@ -33,7 +33,7 @@ def assert_matches_oracle(logits, model, inputs, tol, **cfg):
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75])
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", list(DECODER_METHODS))
 @pytest.mark.parametrize("model_key", list(MODELS), ids="-".join)
 def test_rewritten_graph_matches_oracle(models, run_backend, model_key, method, ratio, schedule):
     model = models[model_key]

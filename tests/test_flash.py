@@ -1,4 +1,4 @@
-"""``flash_attention_2``: the importance row is computed beside flash-attn's kernel (SPEC §2).
+"""``flash_attention_2``: the importance row is computed beside flash-attn's kernel (contract §2).
 
 transformers' flash integration calls ``flash_attn::_flash_attn_forward(q, k, v, dropout_p,
 softmax_scale, causal, …)`` with ``[B, T, H, d]`` tensors and no mask (an unpadded batch).
@@ -87,7 +87,7 @@ def test_stand_in_flash_prefill_matches_oracle(batch):
     inputs = tiny_llava_inputs(model, batch=batch, seed=batch)
     logits, be = _prefill(model, inputs, **CFG)
     assert be.last.compressed, be.last
-    assert any("flash attention" in line for line in be.last.passes[1].matched), be.last
+    assert any("flash attention" in line for p in be.last.passes if p.name == "insert_importance" for line in p.matched), be.last
     want, _ = _with_sdpa(model, oracle_logits, **inputs, **CFG)
     assert (logits - want).abs().max().item() <= 1e-5
 
@@ -115,6 +115,6 @@ def test_real_flash_attention_2_prefill_matches_oracle():
     inputs = {k: v.cuda() for k, v in tiny_llava_inputs(model, batch=2).items()}
     logits, be = _prefill(model, inputs, **CFG)
     assert be.last.compressed, be.last
-    assert any("flash attention" in line for line in be.last.passes[1].matched), be.last
+    assert any("flash attention" in line for p in be.last.passes if p.name == "insert_importance" for line in p.matched), be.last
     want, _ = _with_sdpa(model, oracle_logits, **inputs, **CFG)
     assert (logits - want.to(logits.device)).abs().max().item() <= 5e-2  # bf16 kernels vs the oracle

@@ -1,10 +1,10 @@
-"""The FLOPs report reproduces the paper's Table 1 (SPEC §7) within 1 %."""
+"""The FLOPs report reproduces the paper's Table 1 (contract §7) within 1 %."""
 
 from __future__ import annotations
 
 import pytest
 
-from libra_fx import flops
+from libra_fx.reports import flops
 from libra_fx.cli import main
 
 # (preset, method, ratio, paper's TFLOPs); libra rows leave compensation tokens out, as the paper does

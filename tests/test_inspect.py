@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import re
 import struct
+import sys
 
 import expecttest
+import numpy as np
+import PIL.Image
 import pytest
 import torch
 
 import libra_fx.dynamo_backend as dynamo_backend
 from conftest import compile_and_run
 from libra_fx.cli import main
-from libra_fx.compressors import PRUNED
-from libra_fx.inspect import diff
+from libra_fx.methods.compressors import COMPENSATION, PRUNED
+from libra_fx.reports.diff import diff
 from libra_fx.testing import synthetic_image, tiny_llava, tiny_llava_inputs
-from libra_fx.token_map import render, token_map, write_png
+from libra_fx.reports.plot import fidelity_plot
+from libra_fx.reports.token_map import TokenMap, _colour, render, token_map, write_png
 
 
 def libra_record():
@@ -173,8 +178,11 @@ def test_token_map_follows_the_stages(picture_inputs, method, kept):
 
 def test_png_has_the_panels_and_colours(picture_inputs, tmp_path):
     tmap = token_map(*picture_inputs, method="fastv", ratio=0.5, layers=(1, 2))
-    rgb = render(tmap, picture_inputs[1]["pixel_values"][0], scale=4)
-    assert rgb.shape == (192, 3 * 192 + 2 * 6, 3) and rgb.dtype == torch.uint8
+    picture = render(tmap, picture_inputs[1]["pixel_values"][0], scale=4)
+    assert picture.mode == "RGB" and picture.size == (3 * 192 + 2 * 6, 192)
+    rgb = torch.from_numpy(np.array(picture))
+    assert (rgb[:, 192:198] == 255).all() and (rgb[:, 390:396] == 255).all()  # white gaps
+    assert (rgb[::32, :192] == 255).all() and (rgb[:, :192:32] == 255).all()  # the patch grid
     cell = 32
     for p in range(36):
         y, x = (p // 6) * cell, 192 + 6 + (p % 6) * cell  # stage-1 panel
@@ -184,10 +192,62 @@ def test_png_has_the_panels_and_colours(picture_inputs, tmp_path):
         else:
             assert (tile[0, :] == 255).all()  # kept targets are framed in white
     path = tmp_path / "map.png"
-    write_png(path, rgb)
+    write_png(path, picture)
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert struct.unpack(">II", data[16:24]) == (3 * 192 + 12, 192)
+    with PIL.Image.open(path) as back:
+        assert back.size == picture.size and (np.asarray(back) == np.asarray(picture)).all()
+
+
+def test_render_draws_each_fate():
+    # 2×2 patches of an 8×8 image: a target (group 3), its group member, a compensation member, a pruned one
+    tmap = TokenMap(2, [torch.tensor([3, 3, COMPENSATION, PRUNED])], [torch.tensor([True, False, False, False])])
+    image = torch.linspace(-1, 1, 3 * 8 * 8).reshape(3, 8, 8)
+    rgb = torch.from_numpy(np.array(render(tmap, image, scale=4))).float()
+    assert rgb.shape == (32, 2 * 32 + 6, 3) and (rgb[:, 32:38] == 255).all()
+    plain = (image - image.min()) / (image.max() - image.min()) * 255
+    plain = plain.permute(1, 2, 0).repeat_interleave(4, 0).repeat_interleave(4, 1)
+    assert (rgb[1:16, 1:16] - plain[1:16, 1:16]).abs().max() <= 0.5  # panel 0: the image ...
+    assert (rgb[::16, :32] == 255).all() and (rgb[:, :32:16] == 255).all()  # ... and its patch grid
+    stage = rgb[:, 38:]
+    tint = 0.45 * plain + 0.55 * torch.tensor(_colour(3), dtype=torch.float)
+    assert (stage[:16, 16:] - tint[:16, 16:]).abs().max() < 2  # the member: tinted, no frame
+    target = stage[:16, :16]
+    assert (target[:2] == 255).all() and (target[:, -2:] == 255).all()  # the target: framed in white
+    assert (target[2:-2, 2:-2] - tint[2:14, 2:14]).abs().max() < 2
+    stripes = (torch.arange(16)[:, None] + torch.arange(16)) % 4 == 0
+    hatched = stage[16:, :16]  # compensation: dark, with light diagonal stripes
+    assert (hatched[stripes] == 200).all()
+    assert (hatched[~stripes] - 0.25 * plain[16:, :16][~stripes]).abs().max() < 1
+    assert (stage[16:, 16:] - 0.1 * plain[16:, 16:]).abs().max() < 1  # pruned: near-black
+
+
+def test_fidelity_plot_draws_a_png(tmp_path):
+    rows = [dict(method="uncompressed", schedule="-", layers="-", flops_ratio=1.0, accuracy=0.99)]
+    rows += [dict(method=m, schedule=s, layers=layers, flops_ratio=f, accuracy=a)
+             for m in ("libra", "fastv") for s, layers in (("1 stage", "(4,)"), ("2 stages", "(2, 5)"))
+             for f, a in ((0.8, 0.98), (0.7, 0.95))]
+    rows.append(dict(method="prumerge", schedule="vision side", layers="()", flops_ratio=0.2, accuracy=0.4))
+    path = tmp_path / "fidelity.png"
+    assert fidelity_plot(rows, path) == ["libra", "fastv", "prumerge"]
+    with PIL.Image.open(path) as png:
+        assert png.format == "PNG" and png.width > 600 and png.height > 300
+
+
+@pytest.mark.parametrize("module, call, message", [
+    ("PIL", lambda: render(token_map_stub(), torch.zeros(3, 8, 8)), "kept-token maps need Pillow"),
+    ("matplotlib", lambda: fidelity_plot([], "unused.png"), "the fidelity plot needs matplotlib"),
+])
+def test_missing_viz_extra_names_it(monkeypatch, module, call, message):
+    for name in [m for m in sys.modules if m == module or m.startswith(module + ".")] or [module]:
+        monkeypatch.setitem(sys.modules, name, None)  # ``import module`` now raises ImportError
+    with pytest.raises(ImportError, match=re.escape(message) + r".*pip install 'libra-fx\[viz\]'"):
+        call()
+
+
+def token_map_stub():
+    return TokenMap(2, [], [])
 
 
 def test_cli_show_and_diff(tmp_path, capsys):

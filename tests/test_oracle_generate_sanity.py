@@ -1,4 +1,4 @@
-"""Sanity tests of the oracle's generation path (``oracle.oracle_generate``, SPEC §5)."""
+"""Sanity tests of the oracle's generation path (``oracle.oracle_generate``, contract §5)."""
 
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ def test_step0_equals_oracle_logits(models, method, layers):
 
 
 def test_cache_lengths_per_layer(models):
-    """Layers 0..L1 cache the full prompt, later layers the compressed one (SPEC §5)."""
+    """Layers 0..L1 cache the full prompt, later layers the compressed one (contract §5)."""
     model = models["eager"]
     inputs = tiny_llava_inputs(model, batch=3, pad=(0, 2, 3))
     kv = []

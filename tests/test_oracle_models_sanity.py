@@ -1,6 +1,6 @@
 """Sanity tests of the oracle (tests/oracle.py) on Qwen2-VL, Qwen2.5-VL (M-RoPE), the Qwen2-VL video
 input and LLaVA-NeXT: with no stage it is the plain model (forward and greedy generate), and with
-stages it does what SPEC §1 and §5 say about spans and M-RoPE positions."""
+stages it does what contract §1 and §5 say about spans and M-RoPE positions."""
 
 from __future__ import annotations
 
@@ -124,7 +124,7 @@ def test_two_qwen_images_are_two_spans(models):
     assert counts == [(8 + 1) + (4 + 1)]
 
 
-# ---------------------------------------------------------------- M-RoPE positions (SPEC §5)
+# ---------------------------------------------------------------- M-RoPE positions (contract §5)
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen2_vl_video"])

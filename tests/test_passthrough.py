@@ -5,6 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from libra_fx import dynamo_backend
+from libra_fx.config import CompressionConfig
+from libra_fx.dynamo_backend import LibraBackend
 from libra_fx.testing import tiny_llava, tiny_llava_inputs
 
 
@@ -45,11 +48,19 @@ def test_compression_after_the_last_layer_keeps_the_last_logits(model, run_backe
     torch.testing.assert_close(logits[:, -1], want, atol=1e-5, rtol=1e-5)
 
 
-def test_named_backend_uses_the_defaults():
+def test_named_backend_is_registered_with_the_defaults(monkeypatch):
+    """``backend="libra"`` resolves (entry point) to a LibraBackend with the defaults, whose schedule
+    (libra, ratio 0.5 after layers 7, 15, 23) runs on a 24-layer model. The rewritten graph is run
+    without Inductor here (``compiler="eager"``); Inductor itself is covered by the oracle tests."""
+    assert torch._dynamo.lookup_backend("libra") is dynamo_backend.libra_backend
+    built = []
+    monkeypatch.setattr(dynamo_backend, "LibraBackend",
+                        lambda: built.append(LibraBackend(compiler="eager")) or built[-1])
     model = tiny_llava(num_layers=24, hidden_size=32, intermediate_size=64)
     inputs = tiny_llava_inputs(model)
     torch._dynamo.reset()
     with torch.no_grad():
         out = torch.compile(model.forward, backend="libra", fullgraph=True)(**inputs).logits
-    # defaults: libra, ratio 0.5 at layers 7, 15, 23 → 36 → 18+1 → 9+2 → 5+3 visual tokens
+    assert built and built[0].config == CompressionConfig()
+    # 36 → 18+1 → 9+2 → 5+3 visual tokens
     assert out.shape[1] == inputs["input_ids"].shape[1] - 36 + 8

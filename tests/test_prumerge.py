@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import libra_fx
-from libra_fx import flops
-from libra_fx.fx_utils import value
+from libra_fx.reports import flops
+from libra_fx.passes.fx_utils import value
 from libra_fx.testing import tiny_llava, tiny_llava_inputs
 from oracle_prumerge import prumerge_oracle_generate, prumerge_oracle_logits
 
@@ -32,7 +32,7 @@ def check(model, inputs, logits, be, method, tol):
     want, counts = prumerge_oracle_logits(model, **inputs, method=method, ratio=RATIO)
     diff = (logits[:, -1].float() - want).abs().max().item()
     assert diff <= tol, diff
-    _, valid = be.side_outputs  # non-padding slots per sample: its text tokens + its images' kept patches
+    valid = be.state.side_outputs["valid"]  # non-padding slots per sample: its text tokens + its images' kept patches
     text = (inputs["input_ids"] != model.config.image_token_id).sum(1).tolist()
     k = len(counts) // len(text)
     assert valid.sum(-1).tolist() == [text[b] + sum(counts[b * k:(b + 1) * k]) for b in range(len(text))]
@@ -103,9 +103,9 @@ def test_generation_matches_oracle(method, case):
 
 
 def test_settings():
-    cfg = libra_fx.CompressionConfig(method="prumerge", layers=(7, 15, 23), ratio=0.0)
+    cfg = libra_fx.CompressionConfig.build(method="prumerge", layers=(7, 15, 23), ratio=0.0)
     assert cfg.layers == () and cfg.active  # layers ignored, ratio unused by the adaptive methods
-    assert not libra_fx.CompressionConfig(method="prumerge_fixed", ratio=0.0).active
+    assert not libra_fx.CompressionConfig.build(method="prumerge_fixed", ratio=0.0).active
     with pytest.raises(ValueError, match="prumerge_plus"):
         libra_fx.backend(method="prumerge+")  # the message lists the valid names
     libra_fx.compile(tiny_llava(**TINY), method="prumerge")  # default layers (7, 15, 23) do not matter
@@ -137,7 +137,7 @@ def test_flops_report_and_token_map(models):
     with pytest.raises(ValueError, match="kept"):
         flops.report(shape, "prumerge", kept=0)
 
-    from libra_fx.token_map import render, token_map
+    from libra_fx.reports.token_map import render, token_map
 
     model = models["sdpa"]
     inputs = tiny_llava_inputs(model)
@@ -145,4 +145,4 @@ def test_flops_report_and_token_map(models):
     _, counts = prumerge_oracle_logits(model, **inputs, method="prumerge_plus")
     assert len(tmap.labels) == 1 and int(tmap.targets[0].sum()) == counts[0]
     assert (tmap.labels[0][tmap.targets[0]] >= 0).all()
-    assert render(tmap, inputs["pixel_values"][0]).shape == (64 * 4, 2 * 64 * 4 + 6, 3)
+    assert render(tmap, inputs["pixel_values"][0]).size == (2 * 64 * 4 + 6, 64 * 4)  # (width, height)

@@ -1,5 +1,5 @@
-"""Unit and property tests of the PruMerge token maths (``libra_fx.prumerge``) and of the vision-side
-sequence plumbing (``libra_fx.vision_layout``). Expected values are hand-computed or come from
+"""Unit and property tests of the PruMerge token maths (``libra_fx.methods.prumerge``) and of the vision-side
+sequence plumbing (``libra_fx.sequence.vision``). Expected values are hand-computed or come from
 NumPy / plain loops, never from the functions under test."""
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from libra_fx import prumerge as pm
-from libra_fx.vision_layout import mask_padding_slots, vision_compress
+from libra_fx.methods import get_method
+from libra_fx.methods import prumerge as pm
+from libra_fx.sequence.vision import mask_padding_slots, vision_compress
 
 PROPS = settings(max_examples=40, deadline=None)
 
@@ -110,9 +111,8 @@ def test_uniform_stride_hand_cases():
 def test_fixed_variant_top_ratio_in_order_lower_rank_on_ties():
     a = torch.tensor([[0.1, 0.5, 0.2, 0.5, 0.3]])
     assert pm.top_fraction(a, 0.6)[0].nonzero().flatten().tolist() == [1, 3]  # Nt = round(5·0.4) = 2
-    assert pm.capacity("prumerge_fixed", 5, 0.6) == 2
-    with pytest.raises(ValueError, match="unknown vision-side method"):
-        pm.select("fastv", a)
+    assert get_method("prumerge_fixed").capacity(5, 0.6) == 2
+    assert get_method("prumerge_fixed").select(a, 0.6).tolist() == pm.top_fraction(a, 0.6).tolist()
 
 
 def test_kept_slots_keep_order_and_pad():
@@ -198,19 +198,17 @@ def test_padding_slots_are_masked_except_for_themselves():
 
 def test_decode_steps_get_the_compressed_layout():
     """``libra_fx.compile``'s forward, on a step after a compressed prefill (T=6 → T'=4, slot 2 padding)."""
-    from libra_fx.vision_layout import _decode_kwargs
+    from libra_fx.sequence.decode import compressed_prompt_kwargs
 
-    class Cache:
-        def get_seq_length(self):
-            return 5  # 4 prompt slots + 1 generated token
+    cached = 5  # 4 prompt slots + 1 generated token
 
     keep = torch.tensor([[False, True, False, True], [True, True, True, True]])  # sample 0: a pad, a padding slot
     mask = torch.tensor([[0, 1, 1, 1, 1, 1, 1, 1], [1] * 8])  # 6 prompt columns + 2 generated
-    out = _decode_kwargs(dict(input_ids=torch.zeros(2, 1, dtype=torch.long), attention_mask=mask), 6, keep, Cache())
+    out = compressed_prompt_kwargs(dict(input_ids=torch.zeros(2, 1, dtype=torch.long), attention_mask=mask), 6, keep, cached)
     assert out["attention_mask"].tolist() == [[0, 1, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1]]
     assert out["position_ids"].tolist() == [[6], [7]]  # the original prompt's positions continue
-    out = _decode_kwargs(dict(input_ids=torch.zeros(1, 1, dtype=torch.long)), 6, keep[1:], Cache())
+    out = compressed_prompt_kwargs(dict(input_ids=torch.zeros(1, 1, dtype=torch.long)), 6, keep[1:], cached)
     assert out["attention_mask"].tolist() == [[1] * 6] and out["position_ids"].tolist() == [[7]]
     with pytest.raises(ValueError, match="does not continue"):
-        _decode_kwargs(dict(input_ids=torch.zeros(2, 1, dtype=torch.long), attention_mask=mask[:, :7]), 6, keep,
-                       Cache())
+        compressed_prompt_kwargs(dict(input_ids=torch.zeros(2, 1, dtype=torch.long), attention_mask=mask[:, :7]), 6, keep,
+                                 cached)

@@ -1,4 +1,4 @@
-"""Unit tests of the pure token maths (SPEC §3, §4, §6) and of the sequence plumbing in ``layout``.
+"""Unit tests of the pure token maths (contract §3, §4, §6) and of the sequence plumbing in ``libra_fx.sequence``.
 
 Part 1 pins the maths to SPEC with tiny hand-computed cases: every expected number below is
 written out by hand (derivation in the comments), never recomputed with ``libra_fx``.
@@ -17,10 +17,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from libra_fx.compressors import assign_groups, average, igm, prune
-from libra_fx.layout import compress_visual_tokens, gather_mask, gather_tokens
-from libra_fx.methods import METHODS, get_method
-from libra_fx.selectors import cosine_matrix, num_targets, one_hot_targets, pti, top_alpha, top_k, turbo
+from libra_fx.methods.compressors import assign_groups, average, igm, prune
+from libra_fx.sequence.gather import gather_mask, gather_tokens
+from libra_fx.sequence.splice import compress_visual_tokens
+from libra_fx.methods import DECODER_METHODS, METHODS, get_method
+from libra_fx.methods.selectors import cosine_matrix, num_targets, one_hot_targets, pti, top_alpha, top_k, turbo
 
 ATOL = 1e-5
 PROPS = settings(max_examples=50, deadline=None)
@@ -39,7 +40,7 @@ def close(actual, expected, atol=ATOL):
 # 1. Hand-computed cases
 # =============================================================================================
 
-# ---- num_targets (SPEC §3, round half up, clamp to [1, N]) ----------------------------------
+# ---- num_targets (contract §3, round half up, clamp to [1, N]) ----------------------------------
 
 @pytest.mark.parametrize(
     "n, ratio, expected",
@@ -80,7 +81,7 @@ def test_num_targets_half_up_with_decimal_ratios(n, ratio, expected):
     assert num_targets(n, ratio) == expected
 
 
-# ---- PTI (SPEC §3) ---------------------------------------------------------------------------
+# ---- PTI (contract §3) ---------------------------------------------------------------------------
 
 # Interval i covers floor(i·N/Nt) .. floor((i+1)·N/Nt) − 1, written out by hand.
 PTI_INTERVALS = {
@@ -130,7 +131,7 @@ def test_pti_batched_spans_are_independent():
     assert pti(alpha, 2).tolist() == [[0, 3], [1, 2], [0, 3]]
 
 
-# ---- top-k selectors (SPEC §6) ---------------------------------------------------------------
+# ---- top-k selectors (contract §6) ---------------------------------------------------------------
 
 def test_top_alpha_output_is_ascending():
     alpha = t([[0.1, 0.5, 0.9, 0.2, 0.7]])
@@ -363,7 +364,7 @@ def test_compress_visual_tokens_fastv_by_hand():
     span = torch.tensor([[False, True, True, True, True, False]])
     out, merged, source = compress_visual_tokens(
         hidden, alpha, span, span_lens=((4,),), carried=0,
-        method="fastv", ratio=0.5, tau=0.7, eta="mean")
+        method="fastv", ratio=0.5)
     assert source.tolist() == [[0, 2, 4, 5]]
     assert merged.tolist() == [[False, True, True, False]]
     close(out, hidden[:, [0, 2, 4, 5]])
@@ -372,14 +373,14 @@ def test_compress_visual_tokens_fastv_by_hand():
 def test_compress_visual_tokens_libra_with_a_carried_compensation_token():
     # T = 7: text 0, span 1..4, one compensation token of an earlier stage at 5, text 6.
     # PTI (intervals [0,1], [2,3]) of span α (0.1, 0.4, 0.2, 0.3) -> ranks 1, 3 -> indices 2, 4.
-    # Output (SPEC §4.7): text, m0, m1, the carried token, the new c, text.
+    # Output (contract §4.7): text, m0, m1, the carried token, the new c, text.
     # The new c takes the position of the last carried compensation token (index 5).
     hidden = _seq(7)
     alpha = t([[0.0, 0.1, 0.4, 0.2, 0.3, 0.0, 0.0]])
     span = torch.tensor([[False, True, True, True, True, False, False]])
     out, merged, source = compress_visual_tokens(
         hidden, alpha, span, span_lens=((4,),), carried=1,
-        method="libra", ratio=0.5, tau=0.7, eta="mean")
+        method="libra", ratio=0.5)
     assert source.tolist() == [[0, 2, 4, 5, 5, 6]]
     assert merged.tolist() == [[False, True, True, False, False, False]]
     close(out[:, [0, 3, 5]], hidden[:, [0, 5, 6]])
@@ -395,7 +396,7 @@ def test_compress_visual_tokens_two_spans_per_sample():
     span = torch.tensor([[True, True, True, False, True, True, True, False]])
     out, merged, source = compress_visual_tokens(
         hidden, alpha, span, span_lens=((3, 3),), carried=0,
-        method="fastv", ratio=0.5, tau=0.7, eta="mean")
+        method="fastv", ratio=0.5)
     assert source.tolist() == [[0, 2, 3, 5, 6, 7]]
     assert merged.tolist() == [[True, True, False, True, True, False]]
     close(out, hidden[:, [0, 2, 3, 5, 6, 7]])
@@ -450,20 +451,20 @@ spans_shapes = st.tuples(
 
 
 @PROPS
-@given(spans_shapes, st.sampled_from(sorted(METHODS)))
+@given(spans_shapes, st.sampled_from(sorted(DECODER_METHODS)))
 def test_every_method_output_length(shape, name):
     s, n, d, ratio, seed = shape
     gen = torch.Generator().manual_seed(seed)
     alpha, hidden = _alpha(gen, s, n), _randn(gen, s, n, d)
     m = METHODS[name]
     nt = num_targets(n, ratio)
-    targets = m.selector(alpha, hidden, nt)
+    targets = m.selector(alpha, hidden, nt, m.options())
     assert targets.shape == (s, nt)
-    out = m.compressor(hidden, alpha, targets, tau=0.7, eta="mean")
+    out = m.compressor(hidden, alpha, targets, m.options())
     assert out.shape == (s, nt + int(m.compensation), d)
     assert torch.isfinite(out).all()
     # spans of a batch are independent: the first span alone gives the same result
-    alone = m.compressor(hidden[:1], alpha[:1], m.selector(alpha[:1], hidden[:1], nt), tau=0.7, eta="mean")
+    alone = m.compressor(hidden[:1], alpha[:1], m.selector(alpha[:1], hidden[:1], nt, m.options()), m.options())
     close(out[:1], alone)
 
 
@@ -521,7 +522,7 @@ def test_identity_when_every_token_is_a_target(shape, tau, eta):
     out = igm(hidden, alpha, targets, tau=tau, eta=eta)
     assert out.shape == (s, n + 1, d)
     close(out[:, :n], hidden)
-    # c over all span tokens (SPEC §4.6): softmax(α/η) · H, written out here
+    # c over all span tokens (contract §4.6): softmax(α/η) · H, written out here
     scale = alpha.mean(-1, keepdim=True) if eta == "mean" else eta
     w = torch.exp(alpha / scale)
     w = w / w.sum(-1, keepdim=True)
@@ -579,7 +580,7 @@ def test_selectors_return_ascending_in_range_targets(shape, with_ties):
     st.integers(0, 2),            # carried compensation tokens
     st.integers(1, 4),            # D
     st.floats(0.0, 0.95),         # ratio
-    st.sampled_from(sorted(METHODS)),
+    st.sampled_from(sorted(DECODER_METHODS)),
     st.integers(0, 2**31 - 1),    # seed
 )
 def test_compress_visual_tokens_properties(b, n, pad, carried, d, ratio, name, seed):
@@ -596,7 +597,7 @@ def test_compress_visual_tokens_properties(b, n, pad, carried, d, ratio, name, s
 
     out, merged, source = compress_visual_tokens(
         hidden, alpha, span, span_lens=((n,),), carried=carried,
-        method=name, ratio=ratio, tau=0.7, eta="mean")
+        method=name, ratio=ratio)
     t_new = t_len - n + nt + c
     assert out.shape == (b, t_new, d)
     assert merged.shape == source.shape == (b, t_new)
@@ -609,8 +610,8 @@ def test_compress_visual_tokens_properties(b, n, pad, carried, d, ratio, name, s
         assert source[i, :off].tolist() == list(range(off))
         # the merged targets: at their targets' positions, equal to the compressor's output
         sp_h, sp_a = hidden[i:i + 1, off:end], alpha[i:i + 1, off:end]
-        targets = m.selector(sp_a, sp_h, nt)
-        expected = m.compressor(sp_h, sp_a, targets, tau=0.7, eta="mean")
+        targets = m.selector(sp_a, sp_h, nt, m.options())
+        expected = m.compressor(sp_h, sp_a, targets, m.options())
         close(out[i, off:off + nt], expected[0, :nt])
         assert source[i, off:off + nt].tolist() == (off + targets[0]).tolist()
         assert merged[i].tolist() == [off <= j < off + nt for j in range(t_new)]
@@ -644,8 +645,8 @@ def test_get_method_unknown_name_lists_valid_methods(name):
 
 
 def test_method_table_matches_spec():
-    assert set(METHODS) == {"libra", "fastv", "turbo", "merge", "pti", "igm_pos", "igm_neg"}
-    assert {k for k, m in METHODS.items() if m.compensation} == {"libra", "igm_neg"}
+    assert set(DECODER_METHODS) == {"libra", "fastv", "turbo", "merge", "pti", "igm_pos", "igm_neg"}
+    assert {k for k in DECODER_METHODS if METHODS[k].compensation} == {"libra", "igm_neg"}
     for k, m in METHODS.items():
         assert get_method(k) is m and m.name == k
 
@@ -655,4 +656,4 @@ def test_compress_visual_tokens_unknown_method():
     span = torch.tensor([[False, True, True, False]])
     with pytest.raises(ValueError, match="valid methods"):
         compress_visual_tokens(hidden, torch.full((1, 4), 0.25), span, span_lens=((2,),),
-                               carried=0, method="nope", ratio=0.5, tau=0.7, eta="mean")
+                               carried=0, method="nope", ratio=0.5)

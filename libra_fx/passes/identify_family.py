@@ -1,0 +1,45 @@
+"""Recognise the model family from the graph, and refuse one that has no adapter (reads, does not edit).
+
+Dynamo records the module classes each node was traced in (``nn_module_stack``)::
+
+    "L['self'].model"  → <Family>Model       → that family's adapter (libra_fx.families)
+    "L['self'].model"  → <Other>Model        → no adapter: UnsupportedGraph, naming the classes
+
+(after a graph break, the transformers modeling file of the nodes' outermost frame names it).
+``libra_fx.compile`` already knows the family from the model object and passes it in. A family
+whose masks are not causal is refused too: the passes rebuild causal masks only.
+"""
+
+from __future__ import annotations
+
+from libra_fx import families
+from libra_fx.errors import UnsupportedGraph
+from libra_fx.passes.context import PassResult, RewriteContext
+
+
+def run(ctx: RewriteContext) -> PassResult:
+    result = PassResult("identify_family")
+    if ctx.family is None:
+        ctx.family, seen = families.for_graph(ctx.gm)
+        _check_known(ctx.family, seen)
+        result.matched.append(f"{ctx.family.name} (from {', '.join(s for s in seen if _names(ctx.family, s))})")
+    else:
+        result.matched.append(f"{ctx.family.name} (given by the caller)")
+    if ctx.family.mask != "causal":
+        raise UnsupportedGraph(f"{ctx.family.name}'s attention masks are {ctx.family.mask}; the passes rebuild "
+                               "only causal (and padding) masks after a stage (contract §5)")
+    return result
+
+
+def _names(family, seen: str) -> bool:
+    return seen in family.classes or seen in family.modeling
+
+
+def _check_known(family, classes: list[str]) -> None:
+    if family is None:
+        shown = ", ".join(classes[:3]) or "no module classes recorded"
+        raise UnsupportedGraph(
+            f"the model ({shown}) belongs to no family libra-fx has an adapter for "
+            f"(supported: {', '.join(families.supported_classes())}); its attention masks, positions or spans "
+            "may differ from what the passes assume"
+        )

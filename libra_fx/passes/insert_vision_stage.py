@@ -1,0 +1,104 @@
+"""Insert the vision-side stage (PruMerge, PruMerge+, fixed) where the image features enter the
+language model, before decoder layer 0 (contract §6).
+
+The [CLS] query and the keys come from the attention of the vision tower's *last* encoder layer
+(``…vision_tower.encoder.layers.<last>``; the adapter says whether the family's tower has a [CLS])::
+
+    attn_5 = scaled_dot_product_attention(queries_3, keys_3, values_3, scale=0.25)   # tower, last layer
+    ...
+    inputs_embeds_1 = inputs_embeds.masked_scatter(mask, image_features)             # features enter
+  + stage = vision_compress(inputs_embeds_1, span, queries_3, keys_3, 0.25,
+  +                         span_len=144, spans_per_sample=1, method='prumerge', ratio=0.5, slots=36)
+  + hidden = stage[0]; span_1 = stage[1]; source = stage[2]; valid = stage[3]
+  + length = sym_size(hidden, 1)
+
+The stage is prepended to ``ctx.stages`` so that ``rewire_sequence`` re-indexes positions, RoPE,
+masks and lengths of the whole decoder by ``source``; ``(source, valid)`` become side outputs, the
+compressed layout that decode steps need (``libra_fx.state``).
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from libra_fx.errors import UnsupportedGraph
+from libra_fx.passes.context import PassResult, RewriteContext, Stage
+from libra_fx.passes.fx_utils import LAYER_PATH, ancestors, call, module_path, value
+from libra_fx.passes.insert_span_sizes import show
+from libra_fx.passes.matchers import find_attention
+from libra_fx.sequence.splice import visual_span_mask
+from libra_fx.sequence.vision import vision_compress
+
+
+def vision_last_layer(graph: fx.Graph, features: fx.Node) -> tuple[str, int, list[fx.Node]]:
+    """The encoder layers (``…layers.<i>``) that the image features come from; their last one."""
+    upstream = ancestors(features)
+    groups: dict[str, dict[int, list[fx.Node]]] = {}
+    for node in graph.nodes:
+        match = LAYER_PATH.match(module_path(node))
+        if match:
+            groups.setdefault(match["prefix"], {}).setdefault(int(match["index"]), []).append(node)
+    towers = [p for p, layers in groups.items() if any(n in upstream for nodes in layers.values() for n in nodes)]
+    if not towers:
+        raise UnsupportedGraph(
+            "PruMerge needs the vision tower inside the compiled graph, but the image features come from outside it "
+            "(transformers' generate() may encode images before forward: use libra_fx.compile, which keeps "
+            "pixel_values flowing into forward; and compile with fullgraph=True)"
+        )
+    if len(towers) > 1:
+        raise UnsupportedGraph(f"the image features come from several encoders {towers}; expected one vision tower")
+    layers = groups[towers[0]]
+    last = max(layers)
+    return towers[0], last, layers[last]
+
+
+def _check_site(site, images: int, per_image: int) -> None:
+    q, k = value(site.query), value(site.key)
+    if q is None or k is None or q.dim() != 4 or tuple(q.shape) != tuple(k.shape):
+        raise UnsupportedGraph("the vision tower's last attention does not take [S, H, T, d] queries and keys of one shape")
+    if q.shape[0] != images or q.shape[2] != per_image + 1:
+        raise UnsupportedGraph(
+            f"PruMerge needs a [CLS] token before the {per_image} patches of each of the {images} images; the vision "
+            f"tower's last attention runs over {list(q.shape)} (is vision_feature_select_strategy 'default'?)"
+        )
+    if site.mask is not None:
+        raise UnsupportedGraph("the vision tower's last attention has a mask; PruMerge expects full bidirectional attention")
+
+
+def run(ctx: RewriteContext) -> PassResult:
+    result = PassResult("insert_vision_stage")
+    cfg, graph, method = ctx.config, ctx.gm.graph, ctx.config.spec.method
+    if not ctx.family.vision_methods:
+        raise UnsupportedGraph(f"{cfg.method} needs a vision tower with a [CLS] token and is verified only on the "
+                               f"families whose adapter says so; {ctx.family.name}'s does not")
+    if len(ctx.scatters) != 1:
+        raise UnsupportedGraph(f"{cfg.method} compresses images; found {len(ctx.scatters)} visual-feature insertions")
+    visual = ctx.scatters[0]
+    flat = [n for row in ctx.span_lens for n in row]
+    if len(ctx.span_lens) != 1 or not all(isinstance(n, int) for n in flat) or len(set(flat)) != 1:
+        raise UnsupportedGraph(f"{cfg.method} needs images of one static token count per graph, got spans "
+                               f"{show(ctx.span_lens)}")
+    per_image, spans_per_sample = flat[0], len(ctx.span_lens[0])
+    tower, last, nodes = vision_last_layer(graph, visual.args[2])
+    site = find_attention(last, nodes)
+    _check_site(site, ctx.batch * spans_per_sample, per_image)
+    slots = method.capacity(per_image, cfg.ratio)
+
+    with graph.inserting_before(visual.next):  # new nodes in program order, right after the features enter
+        span = call(graph, visual_span_mask, ctx.visual_mask)
+        extra = dict(record=True) if ctx.record else {}
+        node = call(graph, vision_compress, visual, span, site.query, site.key, site.scale,
+                    span_len=per_image, spans_per_sample=spans_per_sample, method=cfg.method,
+                    ratio=cfg.ratio, slots=slots, **extra)
+        outs = [call(graph, operator.getitem, node, i) for i in range(5 if ctx.record else 4)]
+        new_len = call(graph, torch.ops.aten.sym_size.int, outs[0], 1)
+    stage = Stage(-1, [], visual, ctx.span_lens, attention=site, hidden=outs[0], span=outs[1], source=outs[2],
+                  new_len=new_len)
+    ctx.stages.insert(0, stage)
+    ctx.side_outputs.update(source=outs[2], valid=outs[3], **({"records0": outs[4]} if ctx.record else {}))
+    result.matched.append(f"vision tower {tower!r}: [CLS] attention of layer {last} ({site.kind.value} {site.node.name})")
+    result.matched.append(f"before decoder layer 0: {cfg.method} {per_image} → at most {slots} tokens per image")
+    return result

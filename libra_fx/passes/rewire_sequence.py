@@ -1,0 +1,145 @@
+"""Point everything after a stage at the shorter sequence (contract §5).
+
+Every node downstream of the stage layer's output is the stage's *region*. Its inputs from
+outside the region are rewired by what they are::
+
+    hidden states of layer L   → compressed hidden states
+    sequence length T          → sym_size(hidden', 1)      (SymInt, or literal ints when static)
+    [.., T, ..] per-token data → gather_tokens(x, source, dim, batch_dim)  (RoPE cos/sin, position ids,
+                                  multi-axis [R, B, T, d] tables of the families that declare R rows)
+    [.., T, T] attention mask  → gather_mask(mask, source)      (causal in the new order)
+    parameters, buffers, anything without T → unchanged
+
+    view_9 = linear_21.view((2, s27, -1, 16))        cos_4 = cos_2.unsqueeze(1)
+  → view_9 = linear_21.view((2, length, -1, 16))   → cos_4 = gather_tokens(cos_2, source, 1).unsqueeze(1)
+
+An input it cannot classify makes the graph unsupported. Because the regions of later stages
+lie inside earlier ones, a later stage re-gathers what an earlier one produced.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.fx as fx
+from torch.fx.node import map_aggregate
+
+from libra_fx.errors import UnsupportedGraph
+from libra_fx.passes.context import PassResult, RewriteContext, Stage
+from libra_fx.passes.fx_utils import INSERTED, ancestors, call, descendants, is_size_like, value
+from libra_fx.sequence.gather import gather_mask, gather_tokens
+
+HIDDEN, LENGTH, MASK, KEEP = "hidden", "length", "mask", "keep"
+WEIGHTS = re.compile(r"_(parameters|buffers)_")
+
+
+def _mentions(x, symbols) -> bool:
+    return isinstance(x, torch.SymInt) and bool(x.node.expr.free_symbols & symbols)
+
+
+def classify(ctx: RewriteContext, node: fx.Node):
+    """``LENGTH``, ``MASK``, ``("tokens", dim, batch_dim)`` or ``KEEP`` for an input from outside a region."""
+    if node in ctx.derived:
+        return ctx.derived[node]
+    if node.meta.get(INSERTED):
+        return KEEP
+    v = value(node)
+    seq = ctx.seq_len
+    symbols = seq.node.expr.free_symbols if isinstance(seq, torch.SymInt) else set()
+    if isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool):
+        if is_size_like(v, seq):
+            return LENGTH
+        if _mentions(v, symbols):
+            raise UnsupportedGraph(f"{node.name} = {v} depends on the sequence length in a way the pass cannot rewrite")
+        return KEEP
+    if not isinstance(v, torch.Tensor):
+        return KEEP
+    if node.op in ("placeholder", "get_attr") and WEIGHTS.search(str(node.target)):
+        return KEEP
+    shape = list(v.shape)
+    seq_dims = [i for i, s in enumerate(shape) if is_size_like(s, seq)]
+    if any(_mentions(s, symbols) for i, s in enumerate(shape) if i not in seq_dims):
+        raise UnsupportedGraph(f"{node.name} has shape {shape}, derived from the sequence length")
+    if not seq_dims:
+        return KEEP
+    def batch_like(dim):
+        return is_size_like(shape[dim], 1) or is_size_like(shape[dim], ctx.batch)
+
+    if len(shape) == 4 and seq_dims == [2, 3] and batch_like(0):
+        return MASK
+    if len(seq_dims) == 1 and seq_dims[0] >= 1:
+        dim = seq_dims[0]
+        if _multi_axis(ctx, node, shape, dim) or (dim >= 2 and batch_like(dim - 1) and not batch_like(0)):
+            return ("tokens", dim, dim - 1)  # multi-axis RoPE: [R, B, T, d] cos/sin, [R, B, T] position ids
+        if batch_like(0):
+            return ("tokens", dim, 0)
+    raise UnsupportedGraph(f"{node.name} of shape {shape} is per-token data the pass cannot re-index")
+
+
+def _multi_axis(ctx: RewriteContext, node: fx.Node, shape: list, dim: int) -> bool:
+    """Whether ``node`` is an ``[R, B, T, …]`` table of the family's multi-axis positions: ``R`` one of
+    its position rows, ``B`` the batch, and computed from integer ``[R, B, T]`` position ids. (A
+    ``[B, 1, T, d]`` table whose ``B`` happens to equal ``R`` is not one.)"""
+    if dim != 2 or shape[0] not in ctx.family.position_rows or not is_size_like(shape[1], ctx.batch):
+        return False
+    return any(_is_position_ids(ctx, n) for n in ancestors(node) | {node})
+
+
+def _is_position_ids(ctx: RewriteContext, node: fx.Node) -> bool:
+    v = value(node)
+    return (isinstance(v, torch.Tensor) and v.dim() == 3 and not v.dtype.is_floating_point
+            and v.shape[0] in ctx.family.position_rows and is_size_like(v.shape[1], ctx.batch)
+            and is_size_like(v.shape[2], ctx.seq_len))
+
+
+def _replacement(ctx: RewriteContext, stage: Stage, node: fx.Node, kind, made: dict, user: fx.Node) -> fx.Node:
+    if kind == HIDDEN:
+        return stage.hidden
+    if kind == LENGTH:
+        return stage.new_len
+    if node not in made:
+        graph = ctx.gm.graph
+        with graph.inserting_before(user):  # ``node`` may be defined after the stage (e.g. in layer L+1)
+            if kind == MASK:
+                made[node] = call(graph, gather_mask, node, stage.source)
+            else:
+                made[node] = call(graph, gather_tokens, node, stage.source, *kind[1:])
+        ctx.derived[made[node]] = kind
+    return made[node]
+
+
+def _replace_literal_length(arg, seq_len: int, new_len: fx.Node):
+    def swap(x):
+        return new_len if isinstance(x, int) and not isinstance(x, bool) and x == seq_len else x
+
+    return map_aggregate(arg, swap)
+
+
+def rewire(ctx: RewriteContext, stage: Stage, first: bool) -> list[str]:
+    own = {stage.hidden, stage.span, stage.source, stage.new_len, stage.hidden.args[0]}
+    ctx.derived[stage.new_len] = LENGTH
+    stage.region = descendants(stage.layer_output) - own
+    made: dict[fx.Node, fx.Node] = {}
+    literal = first and isinstance(ctx.seq_len, int)
+    for node in [n for n in ctx.gm.graph.nodes if n in stage.region and n.op != "output"]:
+        for arg in node.all_input_nodes:
+            if arg in stage.region:
+                continue
+            kind = HIDDEN if arg is stage.layer_output else classify(ctx, arg)
+            if kind != KEEP:
+                node.replace_input_with(arg, _replacement(ctx, stage, arg, kind, made, node))
+        if literal and not node.meta.get(INSERTED):
+            node.args = _replace_literal_length(node.args, ctx.seq_len, stage.new_len)
+            node.kwargs = _replace_literal_length(node.kwargs, ctx.seq_len, stage.new_len)
+    return [f"{src.name} → {dst.name}" for src, dst in made.items()]
+
+
+def run(ctx: RewriteContext) -> PassResult:
+    result = PassResult("rewire_sequence")
+    for i, stage in enumerate(ctx.stages):
+        gathered = rewire(ctx, stage, first=i == 0)
+        result.matched.append(
+            f"layer {stage.layer}: {len(stage.region)} later nodes; re-indexed: {', '.join(gathered) or 'none'}"
+        )
+    return result

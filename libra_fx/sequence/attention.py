@@ -1,0 +1,74 @@
+"""Attention implementations whose mask may be longer than the layer's own KV cache.
+
+After compression the layers past a stage cache fewer keys than the layers before it, but
+transformers builds one decode mask for every layer, as long as layer 0's cache. Left padding
+(what ``generate`` uses) stays in front after compression — padding is text, never merged — so
+the mask of a shorter cache is the first ``kv_len`` columns of that mask::
+
+    full mask   [B, 1, 1, T + n]   0 0 1 1 1 1 1 1 1 1 1     (2 pads, prompt T, n new tokens)
+    layer > L   [B, 1, 1, T' + n]  0 0 1 1 1 1 1             first T' + n columns
+
+``libra|sdpa`` (and ``libra|eager``, ``libra|flash_attention_2``, …) wrap the model's own function and
+take those columns; everything else is unchanged. They are registered with transformers'
+``AttentionInterface`` / ``AttentionMaskInterface`` (public extension points, no patching).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+PREFIX = "libra|"
+
+
+def fit_mask_to_cache(mask: torch.Tensor | None, key: torch.Tensor, empty: torch.Tensor | None = None):
+    """The first ``key.shape[-2]`` columns of a ``[B, h, q, kv]`` (or ``[B, kv]``) mask, left padding
+    assumed. ``empty[b]`` (``[B]``) shifts sample ``b``'s columns right by that many masked
+    columns: the empty slots a batch of unequal visual-token counts put in front (see
+    :func:`libra_fx.sequence.splice.compress_visual_tokens`)."""
+    kv = key.shape[-2]
+    if mask is None or mask.dim() not in (2, 4) or mask.shape[-1] == kv:
+        return mask
+    if empty is None:
+        return mask[..., :kv]
+    column = torch.arange(kv, device=mask.device) - empty.to(mask.device)[:, None]  # [B, kv]
+    column = column.reshape(column.shape[0], *[1] * (mask.dim() - 2), kv)
+    shifted = mask.gather(-1, column.clamp_min(0).expand(*mask.shape[:-1], kv))
+    hidden = torch.zeros((), dtype=mask.dtype) if mask.dtype in (torch.bool, torch.long, torch.int) else \
+        torch.tensor(torch.finfo(mask.dtype).min, dtype=mask.dtype)
+    return torch.where(column >= 0, shifted, hidden.to(mask.device))
+
+
+def _wrap(forward):
+    def attention(module, query, key, value, attention_mask, *args, libra_empty_slots=None, **kwargs):
+        empty = None if libra_empty_slots is None else libra_empty_slots[module.layer_idx]
+        return forward(module, query, key, value, fit_mask_to_cache(attention_mask, key, empty), *args, **kwargs)
+
+    attention.__name__ = f"libra_{getattr(forward, '__name__', 'attention')}"
+    return attention
+
+
+def _model_eager_attention(model) -> object:
+    for module in model.modules():
+        if module.__class__.__name__.endswith("Attention") and hasattr(module, "layer_idx"):
+            fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+            if fn is not None:
+                return fn
+    raise ValueError(f"{type(model).__name__}: no decoder attention with an eager_attention_forward found")
+
+
+def use_libra_attention(model) -> str:
+    """Switch ``model`` to the ``libra|<its implementation>`` attention; returns the new name."""
+    nested = hasattr(model.config, "text_config")  # a VLM: only its language model switches
+    base = (model.config.text_config if nested else model.config)._attn_implementation
+    if base.startswith(PREFIX):
+        return base
+    name = PREFIX + base
+    forward = _model_eager_attention(model) if base == "eager" else AttentionInterface._global_mapping[base]
+    AttentionInterface.register(name, _wrap(forward))
+    AttentionMaskInterface.register(name, AttentionMaskInterface._global_mapping[base])
+    model.set_attn_implementation({"text_config": name} if nested else name)
+    return name

@@ -1,0 +1,70 @@
+"""The per-model state that lives between a compressed prefill and its decode steps.
+
+One :class:`ModelState` per compiled model (``libra_fx.compile`` makes it; a bare backend owns one
+that serves no decode). The compressed graph returns what decode needs as side outputs; the state
+keeps it per returned KV cache, and completes every later step on that cache::
+
+    prefill   out = forward(...)        side outputs {empty_slots | source, valid}  →  layouts[out.cache]
+    decode    forward(..., cache=c)     kwargs + libra_empty_slots | the compressed prompt's 2-D mask
+
+No module globals, nothing set on transformers' objects: two compiled models never share state.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from libra_fx.hf_compat import kv_cache, returned_cache
+from libra_fx.sequence.decode import compressed_prompt_kwargs
+
+
+@dataclass
+class DecodeLayout:
+    """What steps on one compressed cache need (each part ``None`` when the prefill had none)."""
+
+    empty_slots: torch.Tensor | None = None  # [num_layers, B] empty slots in front, per layer
+    prompt_len: int | None = None  # the uncompressed prompt's length (vision-side stages)
+    keep: torch.Tensor | None = None  # [B, T'] False on the compressed prompt's padding (slots and pads)
+
+
+class ModelState:
+    """``family``: the model's adapter (``None``: recognised per graph). ``refused``: why the model is
+    not compressed at all. ``serves_decode``: whether the forward around the graph calls
+    :meth:`before_call` / :meth:`after_call` (``libra_fx.compile``'s does)."""
+
+    def __init__(self, family=None, refused: str | None = None, serves_decode: bool = False):
+        self.family, self.refused, self.serves_decode = family, refused, serves_decode
+        self.side_outputs: dict[str, object] | None = None  # of the newest compressed run
+        self._layouts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache → DecodeLayout
+
+    def before_call(self, kwargs: dict) -> dict:
+        """Forget the last side outputs; complete the kwargs of a step on a compressed cache."""
+        self.side_outputs = None
+        cache = kv_cache(kwargs)
+        layout = self._layouts.get(cache) if cache is not None else None
+        if layout is None or cache.get_seq_length() == 0:
+            return kwargs
+        if layout.keep is not None:
+            kwargs = compressed_prompt_kwargs(kwargs, layout.prompt_len, layout.keep, cache.get_seq_length())
+        if layout.empty_slots is not None:
+            kwargs = dict(kwargs, libra_empty_slots=layout.empty_slots)
+        return kwargs
+
+    def after_call(self, args: tuple, kwargs: dict, out) -> None:
+        """Keep the layout of the cache a compressed prefill returned."""
+        side, cache = self.side_outputs or {}, returned_cache(out)
+        if cache is None or not ({"empty_slots", "valid"} & set(side)):
+            return
+        layout = DecodeLayout()
+        if "empty_slots" in side:
+            layout.empty_slots = side["empty_slots"]
+        if "valid" in side:
+            mask = kwargs.get("attention_mask")
+            valid, source = side["valid"], side["source"]
+            layout.keep = valid if mask is None else valid & mask.bool().gather(1, source)
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            layout.prompt_len = (ids if ids is not None else kwargs["inputs_embeds"]).shape[1]
+        self._layouts[cache] = layout

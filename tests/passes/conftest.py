@@ -1,0 +1,105 @@
+"""Fixtures of the per-pass tests: the Dynamo FX graphs of the tiny models, each captured once per
+session (nothing compiled, no Inductor).
+
+A test never edits a captured graph: it builds a fresh context on a clone (``passkit.make_ctx``),
+runs the passes before the one it tests (``passkit.run_until``), then calls that pass alone. The
+helpers live in ``passkit.py`` beside this file, so that the tests can import them (``from conftest
+import …`` would be ambiguous with ``tests/conftest.py``).
+
+=====================  ==========================================================================
+``llava_graph``        tiny LLaVA (4 layers, SDPA), B=2, sample 1 left-padded by 3: T=51, one image
+                       of 36 tokens per sample, a ``[B, 1, T, T]`` padding mask
+``llava_two_images``   tiny LLaVA, B=2, two images per prompt (two spans of 36), no mask (causal)
+``llava_eager_graph``  tiny LLaVA with ``attn="eager"``, B=1
+``llava_text_graph``   tiny LLaVA, text only (no masked_scatter)
+``qwen_graph``         tiny Qwen2-VL (M-RoPE), B=2 left-padded, as generate() runs it (features computed
+                       before forward); ``qwen_graphs[1]``: the same after a new image size (recompiled)
+``qwen_dynamic_graph`` tiny Qwen2-VL, B=1, recompiled for a second image size: symbolic image size and
+                       sequence length
+``next_ragged_graph``  tiny LLaVA-NeXT, a batch of two images of 72 and 36 visual tokens
+=====================  ==========================================================================
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+HERE = os.path.dirname(__file__)
+for path in (HERE, os.path.dirname(HERE)):  # passkit here; families.py in tests/
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+from passkit import capture_graph, make_ctx, qwen_inputs, run_until, visual_graphs  # noqa: E402
+
+from libra_fx import testing  # noqa: E402
+from libra_fx.families import QWEN2_VL  # noqa: E402
+
+__all__ = ["make_ctx", "run_until"]  # the helpers, re-exported (the tests import them from passkit)
+
+
+@pytest.fixture(scope="session")
+def llava_model():
+    return testing.tiny_llava()
+
+
+@pytest.fixture(scope="session")
+def llava_graph(llava_model):
+    return capture_graph(llava_model, testing.tiny_llava_inputs(llava_model, batch=2, pad=(0, 3)))
+
+
+@pytest.fixture(scope="session")
+def llava_two_images(llava_model):
+    return capture_graph(llava_model, testing.tiny_llava_inputs(llava_model, batch=2, images=2))
+
+
+@pytest.fixture(scope="session")
+def llava_text_graph(llava_model):
+    return capture_graph(llava_model, testing.tiny_llava_inputs(llava_model, with_image=False))
+
+
+@pytest.fixture(scope="session")
+def llava_eager_graph():
+    model = testing.tiny_llava(attn="eager")
+    return capture_graph(model, testing.tiny_llava_inputs(model))
+
+
+@pytest.fixture(scope="session")
+def qwen_model():
+    model = testing.tiny_qwen2_vl("2")
+    QWEN2_VL.install_shims(model)  # as libra_fx.compile does: a new image size gives a symbolic size
+    return model
+
+
+@pytest.fixture(scope="session")
+def qwen_graphs(qwen_model):
+    """B=2 (sample 1 left-padded): an 8×8 patch grid per image (16 tokens), then 8×12 (24 tokens)
+    through the same compiled forward: a static graph, then the recompiled one with symbolic sizes."""
+    graphs = visual_graphs(qwen_model, qwen_inputs(qwen_model, batch=2, pad=(0, 2)),
+                           qwen_inputs(qwen_model, batch=2, pad=(0, 2), grid=(8, 12), seed=1))
+    assert len(graphs) == 2
+    return graphs
+
+
+@pytest.fixture(scope="session")
+def qwen_graph(qwen_graphs):
+    return qwen_graphs[0]
+
+
+@pytest.fixture(scope="session")
+def qwen_dynamic_graph(qwen_model):
+    """B=1: two image sizes in a row; the recompiled graph has a symbolic image size and length."""
+    static, dynamic = visual_graphs(qwen_model, qwen_inputs(qwen_model, batch=1),
+                                    qwen_inputs(qwen_model, batch=1, grid=(8, 12), seed=1))
+    return dynamic
+
+
+@pytest.fixture(scope="session")
+def next_ragged_graph():
+    from families import ragged_llava_next
+
+    model = testing.tiny_llava_next()
+    batch, _ = ragged_llava_next(model)  # 72 and 36 visual tokens
+    return capture_graph(model, batch, fullgraph=False)
