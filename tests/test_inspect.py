@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import libra_fx.dynamo_backend as dynamo_backend
-from conftest import compile_and_run
+from harness import compile_and_run
 from libra_fx.cli import main
 from libra_fx.methods.compressors import COMPENSATION, PRUNED
 from libra_fx.reports.diff import diff

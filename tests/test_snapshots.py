@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import expecttest
 
-from conftest import compile_and_run
+from harness import compile_and_run
 from libra_fx.reports.printing import format_stage
 from libra_fx.testing import tiny_llava, tiny_llava_inputs
 
