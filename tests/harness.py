@@ -23,3 +23,31 @@ def compile_and_run(model, inputs, dynamic=False, fullgraph=True, **backend_kwar
     compiled = torch.compile(model.forward, backend=be, fullgraph=fullgraph)
     with torch.no_grad():
         return compiled(**inputs).logits, be
+
+
+class ReusedTrace:
+    """One Dynamo trace of ``model.forward``, rewritten afresh by each backend it is called with.
+
+    The method × ratio × schedule products run the passes (and the eager FX graph) on the same
+    captured graph instead of tracing the model again for every case: inputs of the same shapes hit
+    Dynamo's cache, whose compiled function hands the graph to the current backend's rewrite. A
+    ``torch._dynamo.reset()`` elsewhere only costs one more trace.
+    """
+
+    def __init__(self, model, fullgraph: bool = True):
+        self.graph = self.example_inputs = self.backend = self.run = None
+
+        def capture(gm, example_inputs):
+            self.graph, self.example_inputs = gm, example_inputs
+            self.run = self.backend(gm, example_inputs)
+            return lambda *args: self.run(*args)
+
+        self.forward = torch.compile(model.forward, backend=capture, fullgraph=fullgraph)
+
+    def __call__(self, inputs: dict, **backend_kwargs):
+        """``(logits, backend)`` of ``inputs`` through ``libra_fx.backend(**backend_kwargs)``."""
+        self.backend = libra_fx.backend(**backend_kwargs)
+        if self.graph is not None:
+            self.run = self.backend(self.graph, self.example_inputs)
+        with torch.no_grad():
+            return self.forward(**inputs).logits, self.backend

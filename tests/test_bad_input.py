@@ -158,3 +158,10 @@ def test_unsupported_architecture_runs_uncompressed_with_a_warning_naming_it():
 def test_unsupported_architecture_raises_under_strict():
     with pytest.raises(libra_fx.UnsupportedGraph, match="LlamaForCausalLM is not a supported architecture"):
         libra_fx.compile(_tiny_llama(), layers=(0,), strict=True)
+
+
+def test_an_already_compiled_model_is_named_as_such():
+    """``libra_fx.compile(torch.compile(model))``: the wrapper, not the model, is what is unsupported."""
+    model = tiny_llava()
+    with pytest.warns(libra_fx.LibraFallbackWarning, match=r"already wrapped by torch.compile \(LlavaForConditionalGeneration inside\); pass the original model"):
+        libra_fx.compile(torch.compile(model), compiler="eager")

@@ -7,6 +7,7 @@ import torch
 
 from libra_fx import DECODER_METHODS
 from libra_fx.testing import tiny_llava, tiny_llava_inputs
+from harness import ReusedTrace
 from oracle import oracle_logits
 
 MODELS = {
@@ -23,6 +24,12 @@ def models():
     return {key: tiny_llava(seed=i, **kw) for i, (key, kw) in enumerate(MODELS.items())}
 
 
+@pytest.fixture(scope="module")
+def traces(models):
+    """One Dynamo trace per model for the whole product (every case has inputs of one shape)."""
+    return {key: ReusedTrace(model) for key, model in models.items()}
+
+
 def assert_matches_oracle(logits, model, inputs, tol, **cfg):
     want, counts = oracle_logits(model, **inputs, **cfg)
     got = logits[:, -1].float()
@@ -35,11 +42,11 @@ def assert_matches_oracle(logits, model, inputs, tol, **cfg):
 @pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75])
 @pytest.mark.parametrize("method", list(DECODER_METHODS))
 @pytest.mark.parametrize("model_key", list(MODELS), ids="-".join)
-def test_rewritten_graph_matches_oracle(models, run_backend, model_key, method, ratio, schedule):
+def test_rewritten_graph_matches_oracle(models, traces, model_key, method, ratio, schedule):
     model = models[model_key]
     inputs = tiny_llava_inputs(model, batch=2, seed=int(ratio * 100))
     cfg = dict(method=method, ratio=ratio, layers=SCHEDULES[schedule])
-    logits, be = run_backend(model, inputs, compiler="eager", **cfg)
+    logits, be = traces[model_key](inputs, compiler="eager", **cfg)
     assert be.last.compressed, be.last
     counts = assert_matches_oracle(logits, model, inputs, 1e-5, **cfg)
     n_text = inputs["input_ids"].shape[1] - 36

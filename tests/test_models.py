@@ -209,12 +209,14 @@ def test_qwen_plain_forward_compresses_or_warns():
         assert_matches(got, oracle_logits(model, **inputs, ratio=0.0)[0], 1e-5)
 
 
-def test_qwen_plain_forward_through_libra_fx_compile_matches_oracle():
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_plain_forward_through_libra_fx_compile_matches_oracle(family):
     """``libra_fx.compile`` computes the 3-D positions before the compiled forward, as ``generate``
-    does, so a plain ``model(**inputs)`` compresses and equals the oracle."""
+    does, so a plain ``model(**inputs)`` compresses and equals the oracle (Qwen2.5-VL's
+    ``compute_3d_position_ids`` takes other arguments than Qwen2-VL's: the adapter passes each its own)."""
     cfg = dict(method="fastv", ratio=0.5, layers=ONE)
-    model = build("qwen2_vl")
-    inputs = make_inputs("qwen2_vl", model, batch=2, pad=(0, 2))
+    model = build(family)
+    inputs = make_inputs(family, model, batch=2, pad=(0, 2))
     want, _ = oracle_logits(model, **inputs, **cfg)
     model = compiled(model, **cfg)
     with torch.no_grad():
