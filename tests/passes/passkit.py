@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from libra_fx import testing
 from libra_fx.config import CompressionConfig
 from libra_fx.families import QWEN2_VL
-from libra_fx.passes import PIPELINE, fx_utils
+from libra_fx.passes import PIPELINE, fx_utils, run_pipeline
 from libra_fx.passes.context import PassResult, RewriteContext
 
 PASS_NAMES = tuple(p.name for p in PIPELINE)
@@ -98,18 +98,14 @@ def pass_named(name: str):
 
 
 def run_until(ctx: RewriteContext, name: str) -> list[PassResult]:
-    """Run the pipeline's passes before the one called ``name`` (each only where its ``applies``
-    holds, as ``run_pipeline`` does), so that a test can then call that pass alone."""
-    pass_named(name)
-    results = []
-    for p in PIPELINE:
-        if p.name == name:
-            break
-        if p.applies(ctx):
-            results.append(p.run(ctx))
-        else:
-            results.append(PassResult(p.name, skipped=[f"needs {p.needs}"]))
-    return results
+    """Run the pipeline's passes before the one called ``name`` (with ``run_pipeline``, so each only
+    where its ``applies`` holds), so that a test can then call that pass alone."""
+    return run_pipeline(ctx, PIPELINE[:PIPELINE.index(pass_named(name))])
+
+
+def run_after(ctx: RewriteContext, name: str) -> list[PassResult]:
+    """Run the pipeline's passes after the one called ``name``."""
+    return run_pipeline(ctx, PIPELINE[PIPELINE.index(pass_named(name)) + 1:])
 
 
 def run_pass(ctx: RewriteContext, name: str) -> PassResult:

@@ -3,11 +3,11 @@ samples, or one per sample); ``sym_size`` / ``num_targets`` nodes only for symbo
 
 import pytest
 import torch
-from passkit import inserted, inserted_counts, make_ctx, run_until, snapshot
+from passkit import inserted, inserted_counts, make_ctx, run_after, run_until, snapshot
 
 from libra_fx.errors import UnsupportedGraph
 from libra_fx.methods.selectors import num_targets
-from libra_fx.passes import PIPELINE, fx_utils, insert_span_sizes
+from libra_fx.passes import fx_utils, insert_span_sizes
 
 SYM_SIZE = torch.ops.aten.sym_size.int
 
@@ -107,7 +107,5 @@ def test_every_inserted_size_node_is_used(qwen_dynamic_graph, layers):
     is made for a stage that does not exist)."""
     ctx, _, _ = spans(qwen_dynamic_graph, layers=layers)
     sizes = [n for n in inserted(ctx.gm) if n.target in (SYM_SIZE, num_targets)]
-    for p in PIPELINE[[p.name for p in PIPELINE].index("insert_span_sizes") + 1:]:
-        if p.applies(ctx):
-            p.run(ctx)
+    run_after(ctx, "insert_span_sizes")
     assert sizes and all(n.users for n in sizes)
