@@ -17,6 +17,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import libra_fx
+
 from libra_fx.methods.compressors import assign_groups, average, igm, prune
 from libra_fx.sequence.gather import gather_mask, gather_tokens
 from libra_fx.sequence.splice import compress_visual_tokens
@@ -657,3 +659,34 @@ def test_compress_visual_tokens_unknown_method():
     with pytest.raises(ValueError, match="valid methods"):
         compress_visual_tokens(hidden, torch.full((1, 4), 0.25), span, span_lens=((2,),),
                                carried=0, method="nope", ratio=0.5)
+
+
+# =============================================================================================
+# 4. Method options (the registry validates them; the graph node carries them to the maths)
+# =============================================================================================
+
+def test_method_options_are_typed_and_validated():
+    assert libra_fx.method("libra", tau=0.6).options.tau == 0.6
+    assert libra_fx.method("turbo", lam=0.5).items() == (("lam", 0.5),)
+    with pytest.raises(ValueError, match="method 'fastv' takes no options; got tau"):
+        libra_fx.method("fastv", tau=0.5)
+    with pytest.raises(ValueError, match="method 'turbo' takes lam; got eta"):
+        libra_fx.backend(method="turbo", eta=2.0)
+    with pytest.raises(ValueError, match="lam must be a finite number"):
+        libra_fx.method("turbo", lam=float("nan"))
+
+
+def test_turbo_lambda_reaches_the_selector_through_the_stage_node():
+    """Tokens 0 and 1 are identical and the most important (α 0.12 against 0.095, mean 0.1). With λ = 0
+    informativity is α / mean(α), so Turbo picks them, as ``merge`` (top-α) does; with λ = 1 their
+    redundancy (cos 1) costs them their places: 1.2 − 1 < 0.95 − 0."""
+    hidden = torch.eye(10)[None, [0, 0, 2, 3, 4, 5, 6, 7, 8, 9]]
+    alpha = torch.tensor([[0.12, 0.12] + [0.095] * 8])
+    span = torch.ones(1, 10, dtype=torch.bool)
+    stage = dict(span_lens=((10,),), carried=0, ratio=0.5)
+    turbo0 = compress_visual_tokens(hidden, alpha, span, method="turbo", options=(("lam", 0.0),), **stage)
+    merge = compress_visual_tokens(hidden, alpha, span, method="merge", **stage)
+    turbo1 = compress_visual_tokens(hidden, alpha, span, method="turbo", **stage)  # λ = 1, the default
+    close(turbo0[0], merge[0])
+    assert turbo0[2].tolist() == merge[2].tolist() == [[0, 1, 2, 3, 4]]
+    assert turbo1[2].tolist() == [[2, 3, 4, 5, 6]]
