@@ -108,6 +108,16 @@ def run_after(ctx: RewriteContext, name: str) -> list[PassResult]:
     return run_pipeline(ctx, PIPELINE[PIPELINE.index(pass_named(name)) + 1:])
 
 
+def run_alone(gm: fx.GraphModule, name: str, observe=None, **config) -> tuple[RewriteContext, PassResult, object]:
+    """A fresh context on ``gm`` (``make_ctx(gm, **config)``), the passes before ``name`` run, then
+    ``name`` alone: ``(ctx, its result, observe(ctx.gm) just before it)`` (``observe`` defaults to
+    :func:`snapshot`)."""
+    ctx = make_ctx(gm, **config)
+    run_until(ctx, name)
+    before = (observe or snapshot)(ctx.gm)
+    return ctx, pass_named(name).run(ctx), before
+
+
 def run_pass(ctx: RewriteContext, name: str) -> PassResult:
     """``name``'s ``run`` alone (its ``applies`` is the caller's business)."""
     return pass_named(name).run(ctx)

@@ -2,7 +2,7 @@
 must have its old shape with T replaced by the stage's new length — and nothing else changed."""
 
 import pytest
-from passkit import make_ctx, output_values, run_until, snapshot
+from passkit import make_ctx, output_values, run_alone, run_until, snapshot
 from torch.fx.node import map_aggregate
 
 from libra_fx.errors import UnsupportedGraph
@@ -12,10 +12,7 @@ SEQ = 51
 
 
 def checked(gm, **config):
-    ctx = make_ctx(gm, **config)
-    run_until(ctx, "check_shapes")
-    before = snapshot(ctx.gm)
-    result = check_shapes.run(ctx)
+    ctx, result, before = run_alone(gm, "check_shapes", **config)
     assert snapshot(ctx.gm) == before  # it proves, it does not edit
     return ctx, result
 

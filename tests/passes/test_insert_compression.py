@@ -4,19 +4,16 @@ its ``(hidden', span', source)`` getitems and ``sym_size(hidden', 1)``; nothing 
 import operator
 
 import torch
-from passkit import inserted, inserted_counts, make_ctx, position, run_until
+from passkit import inserted, inserted_counts, position, run_alone
 
-from libra_fx.passes import fx_utils, insert_compression
+from libra_fx.passes import fx_utils
 from libra_fx.sequence.splice import compress_visual_tokens, visual_span_mask
 
 SYM_SIZE = torch.ops.aten.sym_size.int
 
 
 def compressed(gm, **config):
-    ctx = make_ctx(gm, **config)
-    run_until(ctx, "insert_compression")
-    already = set(inserted(ctx.gm))  # the importance rows
-    result = insert_compression.run(ctx)
+    ctx, result, already = run_alone(gm, "insert_compression", lambda g: set(inserted(g)), **config)
     new = [n for n in inserted(ctx.gm) if n not in already]
     return ctx, result, new
 

@@ -2,7 +2,7 @@
 layer's attention, whatever its kernel (SDPA or eager softmax(q·kᵀ)); the kernel itself is kept."""
 
 import pytest
-from passkit import calls, inserted, inserted_counts, make_ctx, position, run_until, snapshot
+from passkit import calls, inserted, inserted_counts, make_ctx, position, run_alone, run_until, snapshot
 
 from libra_fx.errors import UnsupportedGraph
 from libra_fx.methods.importance import last_row_importance
@@ -11,11 +11,7 @@ from libra_fx.passes.matchers import AttentionKind
 
 
 def importance(gm, **config):
-    ctx = make_ctx(gm, **config)
-    run_until(ctx, "insert_importance")
-    before = snapshot(ctx.gm)
-    result = insert_importance.run(ctx)
-    return ctx, result, before
+    return run_alone(gm, "insert_importance", **config)
 
 
 def check_inserted(ctx):

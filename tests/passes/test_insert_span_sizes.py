@@ -3,7 +3,7 @@ samples, or one per sample); ``sym_size`` / ``num_targets`` nodes only for symbo
 
 import pytest
 import torch
-from passkit import inserted, inserted_counts, make_ctx, run_after, run_until, snapshot
+from passkit import inserted, inserted_counts, make_ctx, run_after, run_alone, run_until, snapshot
 
 from libra_fx.errors import UnsupportedGraph
 from libra_fx.methods.selectors import num_targets
@@ -13,11 +13,7 @@ SYM_SIZE = torch.ops.aten.sym_size.int
 
 
 def spans(gm, **config):
-    ctx = make_ctx(gm, **config)
-    run_until(ctx, "insert_span_sizes")
-    before = snapshot(ctx.gm)
-    result = insert_span_sizes.run(ctx)
-    return ctx, result, before
+    return run_alone(gm, "insert_span_sizes", **config)
 
 
 def test_static_spans_of_36(llava_graph):

@@ -2,7 +2,7 @@
 and each stage layer's hidden-state output; reads, does not edit."""
 
 import pytest
-from passkit import make_ctx, run_until, snapshot, toy_graph
+from passkit import make_ctx, run_alone, run_until, snapshot, toy_graph
 
 from libra_fx.errors import UnsupportedGraph
 from libra_fx.families import LLAVA
@@ -10,10 +10,7 @@ from libra_fx.passes import fx_utils, locate_decoder
 
 
 def located(gm, **config):
-    ctx = make_ctx(gm, **config)
-    run_until(ctx, "locate_decoder")
-    before = snapshot(ctx.gm)
-    result = locate_decoder.run(ctx)
+    ctx, result, before = run_alone(gm, "locate_decoder", **config)
     assert snapshot(ctx.gm) == before  # reads only
     return ctx, result
 

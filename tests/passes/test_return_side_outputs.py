@@ -2,18 +2,14 @@
 ``gm.meta["libra_fx_side_outputs"]``."""
 
 import pytest
-from passkit import SIDE_OUTPUTS, make_ctx, output_values, run_until, snapshot
+from passkit import SIDE_OUTPUTS, make_ctx, output_values, run_alone, run_until, snapshot
 
 from libra_fx.errors import UnsupportedGraph
 from libra_fx.passes import return_side_outputs
 
 
 def returned(gm, **config):
-    ctx = make_ctx(gm, **config)
-    run_until(ctx, "return_side_outputs")
-    old = output_values(ctx.gm)
-    result = return_side_outputs.run(ctx)
-    return ctx, result, old
+    return run_alone(gm, "return_side_outputs", output_values, **config)
 
 
 def test_vision_stage_returns_source_and_valid(llava_graph):

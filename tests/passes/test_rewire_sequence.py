@@ -6,8 +6,8 @@ import dataclasses
 import pytest
 import torch
 import torch.fx as fx
-from passkit import (flat_args, in_module, inserted, inserted_counts, layer_of, make_ctx, qwen_inputs, run_until,
-                     visual_graphs)
+from passkit import (flat_args, in_module, inserted, inserted_counts, layer_of, make_ctx, qwen_inputs, run_alone,
+                     run_until, visual_graphs)
 
 from libra_fx.families import QWEN2_VL
 from libra_fx.passes import fx_utils, rewire_sequence
@@ -19,10 +19,7 @@ SEQ = 51
 
 
 def rewired(gm, **config):
-    ctx = make_ctx(gm, **config)
-    run_until(ctx, "rewire_sequence")
-    before = inserted_counts(ctx.gm)
-    result = rewire_sequence.run(ctx)
+    ctx, result, before = run_alone(gm, "rewire_sequence", inserted_counts, **config)
     return ctx, result, inserted_counts(ctx.gm) - before
 
 
