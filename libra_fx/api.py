@@ -24,6 +24,7 @@ from transformers import DynamicCache
 from libra_fx import families
 from libra_fx.dynamo_backend import LibraBackend
 from libra_fx.hf_compat import kv_cache
+from libra_fx.methods import is_vision_method
 from libra_fx.sequence.attention import use_libra_attention
 from libra_fx.state import ModelState
 
@@ -58,7 +59,7 @@ def compile(model, ratio=0.5, layers=(7, 15, 23), method="libra", tau=None, eta=
     use_libra_attention(model)
     family.install_shims(model)
     compiled = torch.compile(model.forward, backend=be, fullgraph=fullgraph)
-    vision_side = be.config.spec.method.side == "vision"
+    vision_side = is_vision_method(be.config.method)
 
     @functools.wraps(model.forward)
     def forward(*args, **kwargs):

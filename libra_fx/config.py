@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from libra_fx.methods.registry import MethodSpec, method as method_spec
+from libra_fx.methods.registry import MethodSpec, is_vision_method, method as method_spec
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class CompressionConfig:
         layers = tuple(self.layers)
         if any(i < 0 for i in layers) or list(layers) != sorted(set(layers)):
             raise ValueError(f"layers must be distinct, non-negative and ascending, got {layers!r}")
-        object.__setattr__(self, "layers", () if self.spec.method.side == "vision" else layers)
+        object.__setattr__(self, "layers", () if is_vision_method(self.spec.name) else layers)
 
     @classmethod
     def build(cls, ratio=0.5, layers=(7, 15, 23), method="libra", tau=None, eta=None) -> CompressionConfig:

@@ -47,15 +47,17 @@ def for_graph(gm: fx.GraphModule) -> tuple[FamilyAdapter | None, list[str]]:
     classes Dynamo recorded (``nn_module_stack``, base classes included), else the transformers
     modeling file of each node's outermost frame — after a graph break a graph may hold only the
     language model (``LlamaModel``) while its frame is still ``modeling_llava_next.py``'s forward."""
-    classes, modeling = [], []
+    module_types, modeling = {}, []
     for node in gm.graph.nodes:
-        for _, module_type in (node.meta.get("nn_module_stack") or {}).values():
-            names = [c.__name__ for c in module_type.__mro__] if isinstance(module_type, type) \
-                else [module_type.rsplit(".", 1)[-1]]
-            classes += [n for n in names if n not in classes]
+        module_types.update(dict.fromkeys(t for _, t in (node.meta.get("nn_module_stack") or {}).values()))
         frame = _MODELING_FILE.search(node.meta.get("stack_trace") or "")
         if frame and f"modeling_{frame[1]}" not in modeling:
             modeling.append(f"modeling_{frame[1]}")
+    classes = []
+    for module_type in module_types:  # each distinct class once, its base classes included
+        names = [c.__name__ for c in module_type.__mro__] if isinstance(module_type, type) \
+            else [module_type.rsplit(".", 1)[-1]]
+        classes += [n for n in names if n not in classes]
     family = _by_class_names(classes) or next((f for f in FAMILIES for m in modeling if m in f.modeling), None)
     return family, modeling + [c for c in classes if not c.startswith(("Module", "object"))]
 
