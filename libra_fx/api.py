@@ -22,11 +22,18 @@ import torch
 from transformers import DynamicCache
 
 from libra_fx import families
+from libra_fx.config import CompressionConfig
 from libra_fx.dynamo_backend import LibraBackend
 from libra_fx.hf_compat import kv_cache
 from libra_fx.methods import is_vision_method
 from libra_fx.sequence.attention import use_libra_attention
 from libra_fx.state import ModelState
+
+
+# transformers' @deprecate_kwarg wrapper is one code object shared by every decorated forward, so
+# Dynamo's default limit of 8 compiled versions per code object is soon reached by one model's prefill,
+# decode and batch-size graphs: past it the frame would run eagerly, uncompressed.
+RECOMPILE_LIMIT = 64
 
 
 def num_decoder_layers(model) -> int:
@@ -47,13 +54,19 @@ def compile(model, ratio=0.5, layers=(7, 15, 23), method="libra", tau=None, eta=
     ``fullgraph=False`` (the default) lets the vision code of LLaVA-NeXT and Qwen2-VL break the
     graph; the graph that holds the visual tokens and the decoder is compressed. Only the default
     dynamic KV cache is supported (``ValueError`` for a static one).
+
+    Called again on a model it compiled, it applies the new settings to the graphs already captured
+    (rewritten again on the next call, no new trace): a ratio sweep on one model compiles once.
     """
+    if isinstance(getattr(model.forward, "libra_fx_backend", None), LibraBackend):
+        return _reconfigure(model, CompressionConfig.build(ratio, layers, method, tau, eta), strict,
+                            compiler, fullgraph)
     family, refused = families.check_model(model, strict)
     be = LibraBackend(ratio, layers, method, tau, eta, strict, compiler=compiler,
-                      state=ModelState(family, refused, serves_decode=True))
+                      state=ModelState(family, refused, serves_decode=True, strict=strict))
     model.libra_backend = be
     if family is None:
-        model.forward = torch.compile(model.forward, backend=be, fullgraph=fullgraph)
+        model.forward = _mark(torch.compile(model.forward, backend=be, fullgraph=fullgraph), be, fullgraph)
         return model
     be.config.check_layers(num_decoder_layers(model))
     use_libra_attention(model)
@@ -67,15 +80,52 @@ def compile(model, ratio=0.5, layers=(7, 15, 23), method="libra", tau=None, eta=
         if vision_side:
             kwargs = without_return_dict(kwargs)
         kwargs = be.state.before_call(family.prepare_forward(model, kwargs))
-        with torch._dynamo.config.patch(capture_scalar_outputs=True):  # no break at feature-count checks
+        static_batch(args, kwargs)
+        with torch._dynamo.config.patch(capture_scalar_outputs=True,  # no break at feature-count checks
+                                        recompile_limit=max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)):
             out = compiled(*args, **kwargs)
         be.state.after_call(args, kwargs, out)
         return out
 
     if vision_side:  # keep the vision tower inside the compiled forward under generate()
         forward.__signature__ = signature_for_generate(model.forward)
-    model.forward = forward
+    model.forward = _mark(forward, be, fullgraph)
     return model
+
+
+def _mark(forward, be: LibraBackend, fullgraph: bool):
+    forward.libra_fx_backend, forward.libra_fx_fullgraph = be, fullgraph
+    return forward
+
+
+def _reconfigure(model, config: CompressionConfig, strict: bool, compiler: str, fullgraph: bool):
+    be, was = model.forward.libra_fx_backend, model.forward.libra_fx_fullgraph
+    if fullgraph != was:
+        raise ValueError(f"libra_fx.compile: this model was compiled with fullgraph={was}; call it again with "
+                         "the same fullgraph, or compile a fresh model")
+    if is_vision_method(config.method) != is_vision_method(be.config.method):
+        raise ValueError(f"libra_fx.compile: this model was compiled for {be.config.method!r}; switching between "
+                         "decoder-side and vision-side methods changes the forward itself: compile a fresh model")
+    if be.state.family is not None:
+        config.check_layers(num_decoder_layers(model))
+    be.reconfigure(config, strict, compiler)
+    be.state.strict = strict
+    return model
+
+
+def static_batch(args: tuple, kwargs: dict) -> None:
+    """Keep the batch size out of Dynamo's automatic dynamic shapes: after a B=1 call, a B=2 call
+    would otherwise make every per-sample count (images, features) symbolic, and the passes could
+    no longer tell how the features split into images. Each batch size gets its own graph."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    ids = ids if ids is not None else kwargs.get("inputs_embeds")
+    if ids is None:
+        return
+    for value in kwargs.values():
+        if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == ids.shape[0]:
+            torch._dynamo.mark_static(value, 0)
+    if args and isinstance(args[0], torch.Tensor):
+        torch._dynamo.mark_static(args[0], 0)
 
 
 def check_cache(cache) -> None:

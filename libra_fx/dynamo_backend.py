@@ -62,6 +62,7 @@ class LibraBackend:
         self.state = state or ModelState()
         warn_on_compiled_generate()
         self.records: list[CompileRecord] = []
+        self.generation = 0  # bumped by reconfigure(): compiled graphs older than it are rebuilt
         self.__name__ = "libra"
 
     @property
@@ -72,25 +73,15 @@ class LibraBackend:
         return f"libra_fx.backend({self.config.describe()}, strict={self.strict})"
 
     def __call__(self, gm: fx.GraphModule, example_inputs):
-        record = self.rewrite(gm)
-        self.records = self.records[-31:] + [record]
-        compiled = self._compile(record.after if record.compressed else gm, example_inputs)
-        names = record.after.meta.get(SIDE_OUTPUTS, ()) if record.compressed else ()
-        return self._keep_side_outputs(compiled, names) if names else compiled
+        return _Compiled(self, gm, example_inputs)
 
-    def _keep_side_outputs(self, compiled, names: tuple[str, ...]):
-        """Run ``compiled``, hand its last ``len(names)`` outputs to ``self.state.side_outputs``, and
-        Dynamo only the outputs it traced."""
-        boxed, extra = getattr(compiled, "_boxed_call", False), len(names)
-
-        def run(*args):
-            out = compiled(*args)
-            self.state.side_outputs = dict(zip(names, out[-extra:]))
-            return type(out)(out[:-extra]) if isinstance(out, tuple) else out[:-extra]
-
-        if boxed:
-            run._boxed_call = True
-        return run
+    def reconfigure(self, config: CompressionConfig, strict: bool, compiler: str) -> None:
+        """New settings for every graph this backend compiled: each is rewritten and compiled again on
+        its next call, from the graph Dynamo captured (no new trace, so sweeps do not recompile)."""
+        if compiler not in COMPILERS:
+            raise ValueError(f"compiler must be one of {COMPILERS}, got {compiler!r}")
+        self.config, self.strict, self.compiler = config, strict, compiler
+        self.generation += 1
 
     def rewrite(self, gm: fx.GraphModule) -> CompileRecord:
         """Run the pass pipeline on a copy of ``gm``; ``gm`` itself is left as it was."""
@@ -124,6 +115,38 @@ class LibraBackend:
         from torch._inductor.compile_fx import compile_fx
 
         return compile_fx(fx_utils.clone(gm), example_inputs)  # Inductor mutates what it is given
+
+
+class _Compiled:
+    """What the backend returns to Dynamo for one captured graph: the rewritten, compiled graph, rebuilt
+    from the captured one when the backend's settings change (:meth:`LibraBackend.reconfigure`).
+
+    Side outputs the passes added (contract §8) go to ``backend.state.side_outputs``; Dynamo gets only
+    the outputs it traced."""
+
+    def __init__(self, backend: LibraBackend, gm: fx.GraphModule, example_inputs):
+        self.backend, self.gm, self.example_inputs = backend, gm, example_inputs
+        self._build()
+
+    def _build(self) -> None:
+        be = self.backend
+        record = be.rewrite(self.gm)
+        be.records = be.records[-31:] + [record]
+        self.fn = be._compile(record.after if record.compressed else self.gm, self.example_inputs)
+        self.boxed = getattr(self.fn, "_boxed_call", False)
+        self.side_outputs = record.after.meta.get(SIDE_OUTPUTS, ()) if record.compressed else ()
+        self.compressed, self.generation = record.compressed, be.generation
+
+    def __call__(self, *args):
+        if self.generation != self.backend.generation:
+            self._build()
+        out = self.fn(list(args)) if self.boxed else self.fn(*args)
+        self.backend.state.graphs_run.append(self.compressed)
+        extra = len(self.side_outputs)
+        if not extra:
+            return out
+        self.backend.state.side_outputs = dict(zip(self.side_outputs, out[-extra:]))
+        return type(out)(out[:-extra]) if isinstance(out, tuple) else out[:-extra]
 
 
 def backend(ratio=0.5, layers=(7, 15, 23), method="libra", tau=None, eta=None, strict=False, *,

@@ -12,11 +12,13 @@ No module globals, nothing set on transformers' objects: two compiled models nev
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from dataclasses import dataclass
 
 import torch
 
+from libra_fx.errors import LibraFallbackWarning, UnsupportedGraph
 from libra_fx.hf_compat import kv_cache, returned_cache
 from libra_fx.sequence.decode import compressed_prompt_kwargs
 
@@ -33,16 +35,19 @@ class DecodeLayout:
 class ModelState:
     """``family``: the model's adapter (``None``: recognised per graph). ``refused``: why the model is
     not compressed at all. ``serves_decode``: whether the forward around the graph calls
-    :meth:`before_call` / :meth:`after_call` (``libra_fx.compile``'s does)."""
+    :meth:`before_call` / :meth:`after_call` (``libra_fx.compile``'s does); a prefill with images that
+    ran no compressed graph then warns once (``strict``: raises)."""
 
-    def __init__(self, family=None, refused: str | None = None, serves_decode: bool = False):
-        self.family, self.refused, self.serves_decode = family, refused, serves_decode
+    def __init__(self, family=None, refused: str | None = None, serves_decode: bool = False, strict: bool = False):
+        self.family, self.refused, self.serves_decode, self.strict = family, refused, serves_decode, strict
         self.side_outputs: dict[str, object] | None = None  # of the newest compressed run
         self._layouts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache → DecodeLayout
+        self.graphs_run: list[bool] = []  # this call's compiled graphs: whether each was compressed
+        self.warned_uncompressed = False
 
     def before_call(self, kwargs: dict) -> dict:
         """Forget the last side outputs; complete the kwargs of a step on a compressed cache."""
-        self.side_outputs = None
+        self.side_outputs, self.graphs_run = None, []
         cache = kv_cache(kwargs)
         layout = self._layouts.get(cache) if cache is not None else None
         if layout is None or cache.get_seq_length() == 0:
@@ -55,6 +60,7 @@ class ModelState:
 
     def after_call(self, args: tuple, kwargs: dict, out) -> None:
         """Keep the layout of the cache a compressed prefill returned."""
+        self._check_compressed(kwargs)
         side, cache = self.side_outputs or {}, returned_cache(out)
         if cache is None or not ({"empty_slots", "valid"} & set(side)):
             return
@@ -68,3 +74,24 @@ class ModelState:
             ids = kwargs.get("input_ids", args[0] if args else None)
             layout.prompt_len = (ids if ids is not None else kwargs["inputs_embeds"]).shape[1]
         self._layouts[cache] = layout
+
+    def _check_compressed(self, kwargs: dict) -> None:
+        """Warn (once per model) when a prefill with images ran, but no compressed graph did: Dynamo
+        skipped the frame or hit its recompile limit, or no graph with visual tokens reached the decoder."""
+        cache = kv_cache(kwargs)
+        images = any(v is not None for k, v in kwargs.items() if k.startswith(("pixel_values", "mm_encoder_outputs")))
+        if (self.refused is not None or not images or any(self.graphs_run) or self.warned_uncompressed
+                or cache is not None and cache.get_seq_length() > 0):
+            return
+        if not self.graphs_run:
+            why = ("Dynamo ran the forward without calling the libra backend: it skips this frame, or the forward hit "
+                   "torch._dynamo.config.recompile_limit (raise it, or compile once and call libra_fx.compile "
+                   "again on the same model to change settings)")
+        else:
+            why = ("no compiled graph with visual tokens reached the decoder (each graph was left as it is: see "
+                   "model.libra_backend.records)")
+        self.warned_uncompressed = True
+        message = f"libra_fx: this forward had images but ran uncompressed: {why}"
+        if self.strict:
+            raise UnsupportedGraph(message)
+        warnings.warn(message, LibraFallbackWarning, stacklevel=4)

@@ -16,12 +16,18 @@ family subclasses it (or instantiates it) and provides:
 - ``vision_methods``: whether its tower has the [CLS] token the vision-side methods need;
 - ``prepare_forward(model, kwargs)``: anything computed before the compiled forward;
 - ``install_shims(model)``: per-instance shims (default: the feature-count message below);
-- ``graph_break_hint``: what to tell a user whose graph break cut the visual tokens off the decoder.
+- ``graph_break_hint``: what to tell a user whose graph break cut the visual tokens off the decoder;
+- for ``libra-fx families`` (:mod:`libra_fx.conformance`): ``model_types`` (the keys of transformers'
+  auto mappings), ``tiny`` (overrides of the generic tiny config), ``modalities``, ``stand_in`` (what a
+  tiny model replaces, e.g. a timm tower), and how an example prompt is made: ``vision_inputs``,
+  ``wrap_placeholders`` and ``complete_inputs``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,29 @@ class FamilyAdapter:
     mask: str = "causal"
     vision_methods: bool = False
     graph_break_hint: str = ""
+    model_types: tuple[str, ...] = ()
+    tiny: dict = field(default_factory=dict)
+    modalities: tuple[str, ...] = ("image",)
+    stand_in: str = ""
+    frames: int = 4
+    tiles: int = 0
+
+    def vision_inputs(self, model, batch: int, gen: torch.Generator, token: str = "image") -> dict:
+        """Random vision inputs of ``batch`` samples, one image (``token="image"``; ``[B, 3, H, W]``, or
+        ``[B, tiles, 3, H, W]``) or one video of ``frames`` frames each, at the tower's own image size."""
+        size = model.config.vision_config.image_size
+        hw = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+        count = self.tiles if token == "image" else self.frames
+        shape = (batch, *((count,) if count else ()), 3, *hw)
+        return {"pixel_values" if token == "image" else "pixel_values_videos": _pixels(model, shape, gen)}
+
+    def wrap_placeholders(self, config, placeholders: list[int]) -> list[int]:
+        """The token ids of one image in a prompt (markers around its placeholders, if any)."""
+        return placeholders
+
+    def complete_inputs(self, config, inputs: dict) -> dict:
+        """Inputs the model needs besides ids, mask and pixels (e.g. token types)."""
+        return inputs
 
     def prepare_forward(self, model, kwargs: dict) -> dict:
         """The keyword arguments of one ``forward`` call, completed before the compiled forward runs."""
@@ -43,17 +72,33 @@ class FamilyAdapter:
         skip_feature_count_message(model)
 
 
-class _FeatureCount:
-    """Stands in for the visual features in ``get_placeholder_mask``: the same ``numel()`` (so
-    the count is still checked), and a constant ``shape`` for the error message."""
+def _pixels(model, shape, gen) -> torch.Tensor:
+    return torch.randn(shape, generator=gen).to(next(model.parameters()).dtype)
 
-    shape = (-1, 1)
+
+class _FeatureCount:
+    """Stands in for the visual features in ``get_placeholder_mask``: the same ``numel()`` (so the
+    count is still checked), a constant shape for the error message (``shape``, ``size()``), the
+    same stand-in from every view or cast (a view keeps ``numel``), and the features' own value of
+    any other attribute."""
+
+    shape = torch.Size((-1, 1))
+    _VIEWS = frozenset({"flatten", "view", "reshape", "permute", "transpose", "contiguous", "to", "float",
+                        "squeeze", "unsqueeze", "type"})
 
     def __init__(self, features):
         self.features = features
 
     def numel(self):
         return self.features.numel()
+
+    def size(self, dim=None):
+        return self.shape if dim is None else self.shape[dim]
+
+    def __getattr__(self, name):
+        if name in self._VIEWS:
+            return lambda *args, **kwargs: self
+        return getattr(self.features, name)
 
 
 def skip_feature_count_message(model) -> None:

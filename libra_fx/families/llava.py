@@ -1,18 +1,74 @@
-"""LLaVA-1.5 and LLaVA-NeXT: the generic shape (CLIP-like tower, 1-D positions, causal decoder)."""
+"""The LLaVA-like families: a tower whose features are scattered at placeholder tokens, 1-D positions
+and a causal decoder — the generic :class:`FamilyAdapter` with, at most, their own vision inputs."""
 
 from __future__ import annotations
 
-from libra_fx.families.base import FamilyAdapter
+from dataclasses import dataclass
+
+import torch
+
+from libra_fx.families.base import FamilyAdapter, _pixels
+
+# any-resolution tiny configs: 16-px base tiles of 4×4 patches, grid pinpoints up to 32×32
+_ANYRES = dict(image_grid_pinpoints=[[16, 32], [32, 16], [32, 32]], vision_config=dict(image_size=16, patch_size=4))
+
+
+@dataclass(frozen=True)
+class AnyResAdapter(FamilyAdapter):
+    """Images as a base tile plus any-resolution tiles (``pixel_values [B, tiles, 3, S, S]`` and
+    ``image_sizes``); videos as ``pixel_values_videos [B, frames, 3, S, S]``."""
+
+    image_size: tuple[int, int] = (32, 24)
+
+    def vision_inputs(self, model, batch, gen, token="image"):
+        if token != "image":
+            return super().vision_inputs(model, batch, gen, token)
+        from transformers.image_processing_utils import select_best_resolution
+
+        side = model.config.vision_config.image_size
+        best_h, best_w = select_best_resolution(self.image_size, model.config.image_grid_pinpoints)
+        tiles = 1 + (best_h // side) * (best_w // side)
+        return dict(pixel_values=_pixels(model, (batch, tiles, 3, side, side), gen),
+                    image_sizes=torch.tensor([list(self.image_size)] * batch))
+
 
 LLAVA = FamilyAdapter(
     "LLaVA-1.5", ("LlavaForConditionalGeneration", "LlavaModel"), ("modeling_llava",),
     span_notes="one span per image; the [CLS] token is dropped before the projector",
-    vision_methods=True,
+    vision_methods=True, model_types=("llava",),
 )
 
-LLAVA_NEXT = FamilyAdapter(
+LLAVA_NEXT = AnyResAdapter(
     "LLaVA-NeXT", ("LlavaNextForConditionalGeneration", "LlavaNextModel"), ("modeling_llava_next",),
     span_notes=("one span per image: its base tile, its any-resolution tiles and the image_newline token after "
                 "each row of the tiled feature map (the model scatters them together, so they are visual tokens); "
                 "images of different sizes give samples different span lengths (empty slots)"),
+    model_types=("llava_next",), tiny=_ANYRES,
+)
+
+LLAVA_ONEVISION = AnyResAdapter(
+    "LLaVA-OneVision", ("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionModel"),
+    ("modeling_llava_onevision",),
+    span_notes="one span per image (tiles and image_newline tokens, as LLaVA-NeXT); one per video (all its frames)",
+    model_types=("llava_onevision",), modalities=("image", "video"), tiny=_ANYRES,
+)
+
+LLAVA_NEXT_VIDEO = AnyResAdapter(
+    "LLaVA-NeXT-Video", ("LlavaNextVideoForConditionalGeneration", "LlavaNextVideoModel"),
+    ("modeling_llava_next_video",),
+    span_notes="one span per image (as LLaVA-NeXT); one per video (all its pooled frames)",
+    model_types=("llava_next_video",), modalities=("image", "video"), tiny=_ANYRES,
+)
+
+VIDEO_LLAVA = FamilyAdapter(
+    "Video-LLaVA", ("VideoLlavaForConditionalGeneration", "VideoLlavaModel"), ("modeling_video_llava",),
+    span_notes="one span per image; one per video (all its frames, each with its [CLS] token)",
+    model_types=("video_llava",), modalities=("image", "video"), frames=8,
+    tiny=dict(vision_config=dict(image_size=16)),
+)
+
+VIPLLAVA = FamilyAdapter(
+    "VipLlava", ("VipLlavaForConditionalGeneration", "VipLlavaModel"), ("modeling_vipllava",),
+    span_notes="one span per image (features of several tower layers, concatenated per patch)",
+    model_types=("vipllava",), tiny=dict(vision_feature_layers=[-2, -1]),
 )

@@ -1,16 +1,45 @@
-"""Qwen2-VL and Qwen2.5-VL: M-RoPE (3-row position ids), images of any size, video."""
+"""The M-RoPE families (Qwen2-VL, Qwen2.5-VL, GLM-4V): 3-row position ids, images of any size, video."""
 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from libra_fx.families.base import FamilyAdapter
+import torch
+
+from libra_fx.families.base import FamilyAdapter, _pixels
 from libra_fx.hf_compat import kv_cache
 
 
+_QWEN_MARKERS = ("vision_start_token_id", "vision_end_token_id")
+
+
 @dataclass(frozen=True)
-class Qwen2VLAdapter(FamilyAdapter):
+class MRopeAdapter(FamilyAdapter):
+    """Vision inputs are flattened patches with their ``[t, h, w]`` grids; each image or video sits
+    between start and end markers, and ``mm_token_type_ids`` marks its placeholders."""
+
+    grid: tuple[int, int] = (8, 8)
+    markers: dict = field(default_factory=lambda: dict.fromkeys(("image", "video"), _QWEN_MARKERS))
+
+    def vision_inputs(self, model, batch, gen, token="image"):
+        vision = model.config.vision_config
+        t = self.frames // vision.temporal_patch_size if token == "video" else 1
+        patch = 3 * vision.temporal_patch_size * vision.patch_size ** 2
+        prefix = "pixel_values" if token == "image" else "pixel_values_videos"
+        return {prefix: _pixels(model, (batch * t * self.grid[0] * self.grid[1], patch), gen),
+                f"{token}_grid_thw": torch.tensor([[t, *self.grid]] * batch)}
+
+    def wrap_placeholders(self, config, placeholders):
+        token = "video" if placeholders[0] == config.video_token_id else "image"
+        start, end = (getattr(config, key) for key in self.markers[token])
+        return [start, *placeholders, end]
+
+    def complete_inputs(self, config, inputs):
+        ids = inputs["input_ids"]
+        types = torch.where(ids == config.image_token_id, 1, torch.where(ids == config.video_token_id, 2, 0))
+        return dict(inputs, mm_token_type_ids=types.int())
+
     def prepare_forward(self, model, kwargs: dict) -> dict:
         """Qwen2-VL works out its 3-D (M-RoPE) position ids inside ``forward`` with data-dependent
         loops, whose graph breaks cut the visual tokens off from the decoder. ``generate`` passes
@@ -30,8 +59,21 @@ class Qwen2VLAdapter(FamilyAdapter):
 _HINT = ("Qwen2-VL's forward computes its 3-D positions with graph breaks: use libra_fx.compile(model, ...) "
          "(it computes them before the graph) or generate()")
 _SPANS = "one span per image, one per video (all its frames)"
+_MROPE = dict(rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0})
+_COMMON = dict(span_notes=_SPANS, position_rows=(3, 4), graph_break_hint=_HINT, modalities=("image", "video"))
 
-QWEN2_VL = Qwen2VLAdapter("Qwen2-VL", ("Qwen2VLForConditionalGeneration", "Qwen2VLModel"), ("modeling_qwen2_vl",),
-                          span_notes=_SPANS, position_rows=(3, 4), graph_break_hint=_HINT)
-QWEN2_5_VL = Qwen2VLAdapter("Qwen2.5-VL", ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel"),
-                            ("modeling_qwen2_5_vl",), span_notes=_SPANS, position_rows=(3, 4), graph_break_hint=_HINT)
+QWEN2_VL = MRopeAdapter(
+    "Qwen2-VL", ("Qwen2VLForConditionalGeneration", "Qwen2VLModel"), ("modeling_qwen2_vl",), **_COMMON,
+    model_types=("qwen2_vl",),
+    tiny=dict(text_config=_MROPE, vision_config=dict(hidden_size=64, patch_size=4, mlp_ratio=2)))
+QWEN2_5_VL = MRopeAdapter(
+    "Qwen2.5-VL", ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel"), ("modeling_qwen2_5_vl",), **_COMMON,
+    model_types=("qwen2_5_vl",),
+    tiny=dict(text_config=_MROPE, vision_config=dict(out_hidden_size=64, patch_size=4, window_size=16,
+                                                     fullatt_block_indexes=[1])))
+GLM4V = MRopeAdapter(
+    "GLM-4V", ("Glm4vForConditionalGeneration", "Glm4vModel"), ("modeling_glm4v",), **dict(_COMMON, modalities=("image",)),
+    model_types=("glm4v",), markers={t: (f"{t}_start_token_id", f"{t}_end_token_id") for t in ("image", "video")},
+    tiny=dict(text_config=dict(rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
+                                                "rope_theta": 10000.0}),
+              vision_config=dict(patch_size=4)))

@@ -1,0 +1,70 @@
+"""Example prompts for a tiny model of any adapted family: ``[pad] text <image> text`` per sample.
+
+The family adapter says what its vision inputs look like (:meth:`FamilyAdapter.vision_inputs`) and
+how its placeholders are wrapped (:meth:`FamilyAdapter.wrap_placeholders`). How many placeholders
+an image needs is asked of the model itself: its ``get_placeholder_mask`` is handed the features,
+whose size is read there, before the prompt is built.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from libra_fx.conformance.tiny import PAD
+
+TEXT_IDS = (3, 100)  # text token ids are drawn from this range; special ids start at 100
+
+
+class _Counted(Exception):
+    def __init__(self, features):
+        self.features = features
+
+
+def placeholders_per_sample(model, vision: dict, token: str) -> int:
+    """How many ``token`` placeholders one sample of ``vision`` (inputs of batch 1) fills, counted by
+    intercepting the model's ``get_placeholder_mask`` (``token``: ``"image"`` or ``"video"``)."""
+    base = model.model
+    method, shimmed = base.get_placeholder_mask, "get_placeholder_mask" in vars(base)
+
+    def count(input_ids, inputs_embeds, *features, **named):
+        named = dict(zip(("image_features", "video_features"), features), **named)
+        found = named.get(f"{token}_features")
+        if found is not None:
+            raise _Counted(found)
+        return method(input_ids, inputs_embeds, **named)
+
+    ids = torch.full((1, 1), model.config.text_config.vocab_size - 1)
+    base.get_placeholder_mask = count
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, **vision)
+    except _Counted as found:
+        return found.features.numel() // model.config.text_config.hidden_size
+    finally:
+        if shimmed:
+            base.get_placeholder_mask = method
+        else:
+            del base.get_placeholder_mask
+    raise ValueError(f"the model's forward never asked for a {token} placeholder mask")
+
+
+def example_inputs(model, family, batch: int = 1, pad: tuple[int, ...] = (), seed: int = 0,
+                   token: str = "image", prefix: int = 5, suffix: int = 7, text_len: int | None = None) -> dict:
+    """A batch of ``batch`` prompts of one length, one image (or video) each, sample ``b`` left-padded
+    by ``pad[b]`` (its text before the image that much shorter).
+
+    ``text_len`` lengthens the text after the image (a prompt longer than a sliding window)."""
+    gen = torch.Generator().manual_seed(seed)
+    vision = family.vision_inputs(model, batch, gen, token)
+    n = placeholders_per_sample(model, family.vision_inputs(model, 1, torch.Generator().manual_seed(seed), token), token)
+    token_id = getattr(model.config, f"{token}_token_id")
+    pads = tuple(pad) + (0,) * (batch - len(pad))
+    rows = []
+    for b in range(batch):  # one length: a padded sample has a shorter prefix
+        body = family.wrap_placeholders(model.config, [token_id] * n)
+        before = prefix + max(pads) - pads[b]
+        text = torch.randint(*TEXT_IDS, (before + (text_len or suffix),), generator=gen).tolist()
+        rows.append([PAD] * pads[b] + text[:before] + body + text[before:])
+    ids = torch.tensor(rows)
+    inputs = dict(input_ids=ids, attention_mask=(ids != PAD).long(), **vision)
+    return family.complete_inputs(model.config, inputs)

@@ -1,0 +1,212 @@
+"""A generic, hook-based oracle: the contract applied to an eager transformers model with forward
+hooks on its language model's decoder layers — a second implementation, independent of the FX passes.
+
+::
+
+    with HookOracle(model, "libra", ratio=0.5, layers=(1, 2)) as oracle:
+        logits = model(**inputs).logits              # [B, T', vocab], compressed after layers 1 and 2
+        tokens = model.generate(**inputs, do_sample=False, max_new_tokens=8)
+
+This is how hook-based compression tools work (e.g. ModelTC/LightCompress). While it is active:
+
+- the language model runs eager attention, so layer ``L``'s own attention probabilities give the
+  importance row (contract §2): the query is the last token, the mean is over heads;
+- after stage layer ``L`` a forward hook replaces each span's tokens by the method's selector and
+  compressor (the pure functions of :mod:`libra_fx.methods`, tested on their own) and records each
+  output token's *source* (contract §3–§5): merged targets take their target's, compensation tokens
+  the span's last input position;
+- a pre-hook on every later layer slices what that layer receives to the kept tokens: in prefill the
+  position ids and RoPE tables (gathered by source), and the mask, rows and columns
+  (``M'[q, k] = M[src q, src k]``, and causal in the compressed order); in decode the mask's columns,
+  to the sources of that layer's own (shorter) KV cache. The columns of transformers' decode mask are
+  the last ``kv_len`` original positions, so sliding-window layers, whose caches keep only the last
+  ``window − 1`` entries, are served by the same rule: the window counts original positions.
+
+A span is a contiguous run of placeholder tokens (two images next to each other would be one span;
+the example prompts never do that). Every sample must keep the same count (no empty slots).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from libra_fx.methods import get_method, method as method_spec
+from libra_fx.methods.selectors import num_targets
+
+
+class HookOracle:
+    def __init__(self, model, method: str = "libra", ratio: float = 0.5, layers: tuple[int, ...] = (1,), **options):
+        self.model, self.ratio, self.stages = model, ratio, tuple(layers)
+        self.method, self.options = get_method(method), method_spec(method, **options).options
+        config = model.config
+        self.text_config = getattr(config, "text_config", config)
+        self.placeholders = {getattr(config, k) for k in ("image_token_id", "video_token_id", "image_token_index",
+                                                          "video_token_index") if getattr(config, k, None) is not None}
+        self.decoder_layers = model.get_decoder().layers
+        self.handles = []
+
+    # --- activation ------------------------------------------------------------------------------------------
+    def __enter__(self):
+        self.saved_attn = self.text_config._attn_implementation
+        self.text_config._attn_implementation = "eager"
+        self.seqs, self.prefill = None, False
+        self.handles.append(self.model.register_forward_pre_hook(self._on_call, with_kwargs=True))
+        for i, layer in enumerate(self.decoder_layers):
+            if self.stages and i > self.stages[0]:
+                self.handles.append(layer.register_forward_pre_hook(self._slice_inputs(i), with_kwargs=True))
+            if i in self.stages:
+                self.handles.append(layer.self_attn.register_forward_hook(self._keep_attention))
+                self.handles.append(layer.register_forward_hook(self._compress(i), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        self.text_config._attn_implementation = self.saved_attn
+
+    def valid(self) -> torch.Tensor:
+        """``[B, T']``: which positions of the last prefill's output are real tokens (not padding)."""
+        sources = torch.tensor([[src for src, _, _ in seq] for seq in self.seqs])
+        return self.input_mask.gather(1, sources).bool()
+
+    # --- prefill: which tokens there are ------------------------------------------------------------------------
+    def _on_call(self, model, args, kwargs):
+        cache = _cache(kwargs)
+        self.prefill = cache is None or cache.get_seq_length() == 0
+        if self.prefill:
+            self._start(kwargs["input_ids"], kwargs.get("attention_mask"))
+
+    def _start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+        """One list per sample of ``(source, kind, span)``: kind ``text``, ``visual`` or ``comp``."""
+        self.input_mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        self.seqs, self.span_last, self.kv_sources = [], [], {}
+        for row in input_ids.tolist():
+            seq, last, span = [], {}, -1
+            for j, token in enumerate(row):
+                visual = token in self.placeholders
+                if visual and not (seq and seq[-1][1] == "visual"):
+                    span += 1
+                seq.append((j, "visual" if visual else "text", span if visual else -1))
+                if visual:
+                    last[span] = j
+            self.seqs.append(seq)
+            self.span_last.append(last)
+
+    def _keep_attention(self, module, args, output):
+        self.attention = output[1]  # [B, H, T, T] probabilities (eager)
+
+    def _compress(self, index: int):
+        def hook(layer, args, kwargs, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            if not self.prefill:
+                return None
+            new = self._compress_batch(hidden)
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+
+        return hook
+
+    def _compress_batch(self, hidden: torch.Tensor) -> torch.Tensor:
+        rows, seqs = [], []
+        for b, seq in enumerate(self.seqs):
+            query = max(j for j, (src, _, _) in enumerate(seq) if self.input_mask[b, src])
+            alpha = self.attention[b, :, query].float().mean(0)
+            tokens, out, j = [], [], 0
+            while j < len(seq):
+                src, kind, span = seq[j]
+                if kind != "visual":
+                    tokens.append(hidden[b, j])
+                    out.append(seq[j])
+                    j += 1
+                    continue
+                run = [j]
+                while j + 1 < len(seq) and seq[j + 1][1] == "visual" and seq[j + 1][2] == span:
+                    j += 1
+                    run.append(j)
+                carried = []
+                while j + 1 < len(seq) and seq[j + 1][1] == "comp" and seq[j + 1][2] == span:
+                    j += 1
+                    carried.append(j)
+                j += 1
+                replaced, targets = self._compress_span(hidden[b, run].float(), alpha[run])
+                nt = len(targets)
+                tokens += [*replaced[:nt], *(hidden[b, c] for c in carried), *replaced[nt:]]
+                out += [seq[run[t]] for t in targets] + [seq[c] for c in carried]
+                out += [(self.span_last[b][span], "comp", span)] * (len(replaced) - nt)
+            rows.append(torch.stack([t.to(hidden.dtype) for t in tokens]))
+            seqs.append(out)
+        if len({len(s) for s in seqs}) != 1:
+            raise ValueError("the hook oracle needs every sample to keep the same number of tokens")
+        self.seqs = seqs
+        return torch.stack(rows)
+
+    def _compress_span(self, h: torch.Tensor, alpha: torch.Tensor):
+        nt = num_targets(h.shape[0], self.ratio)
+        targets = self.method.selector(alpha[None], h[None], nt, self.options)
+        return self.method.compressor(h[None], alpha[None], targets, self.options)[0], targets[0].tolist()
+
+    # --- every later layer: slice what it receives -----------------------------------------------------------
+    def _slice_inputs(self, index: int):
+        def hook(layer, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if self.seqs is None:
+                return None
+            sources = torch.tensor([[src for src, _, _ in seq] for seq in self.seqs])
+            if self.prefill:
+                kwargs = self._prefill_kwargs(kwargs, sources)
+                self.kv_sources[index] = self._kept_by_cache(index, sources, kwargs)
+            else:
+                kwargs = self._decode_kwargs(index, kwargs, hidden.shape[1])
+            return args, kwargs
+
+        return hook
+
+    def _prefill_kwargs(self, kwargs: dict, sources: torch.Tensor) -> dict:
+        out = dict(kwargs)
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            b = torch.arange(mask.shape[0])[:, None, None]
+            gathered = mask[b, 0, sources[:, :, None], sources[:, None, :]][:, None]
+            t = sources.shape[1]
+            later = torch.ones(t, t, dtype=torch.bool).triu(1)
+            out["attention_mask"] = gathered.masked_fill(later, False if mask.dtype == torch.bool
+                                                         else torch.finfo(mask.dtype).min)
+        if kwargs.get("position_ids") is not None:
+            ids = kwargs["position_ids"]
+            ids = ids.expand(*ids.shape[:-2], sources.shape[0], ids.shape[-1])  # [1, T]: one row for every sample
+            out["position_ids"] = ids.gather(-1, sources.expand(*ids.shape[:-2], *sources.shape))
+        if kwargs.get("position_embeddings") is not None:
+            out["position_embeddings"] = tuple(_gather_tokens(x, sources) for x in kwargs["position_embeddings"])
+        return out
+
+    def _kept_by_cache(self, index: int, sources: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        cache = _cache(kwargs)
+        window = getattr(cache.layers[index], "sliding_window", None) if cache is not None else None
+        return sources[:, -(window - 1):] if window else sources
+
+    def _decode_kwargs(self, index: int, kwargs: dict, steps: int) -> dict:
+        mask = kwargs.get("attention_mask")
+        cache = _cache(kwargs)
+        end = cache.layers[0].get_seq_length()  # original positions so far (layer 0 holds the new ones already)
+        new = torch.arange(end - steps, end).expand(self.kv_sources[index].shape[0], steps)
+        wanted = torch.cat([self.kv_sources[index], new], dim=1)
+        window = getattr(cache.layers[index], "sliding_window", None)
+        self.kv_sources[index] = wanted[:, -(window - 1):] if window else wanted
+        if mask is None:
+            return kwargs
+        column = wanted - (end - mask.shape[-1])  # the mask's columns are the last kv_len positions
+        b = torch.arange(mask.shape[0])[:, None, None]
+        picked = mask[b, 0, torch.arange(steps)[None, :, None], column.clamp(min=0)[:, None, :]][:, None]
+        hidden = column.lt(0)[:, None, None, :]
+        blocked = False if mask.dtype == torch.bool else torch.finfo(mask.dtype).min
+        return dict(kwargs, attention_mask=picked.masked_fill(hidden, blocked))
+
+
+def _cache(kwargs: dict):
+    return kwargs.get("cache", kwargs.get("past_key_values"))
+
+
+def _gather_tokens(x: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
+    """``x[..., b, t, :]`` at ``t = sources[b]`` (RoPE tables ``[B, T, d]`` or ``[R, B, T, d]``)."""
+    x = x.expand(*x.shape[:-3], sources.shape[0], *x.shape[-2:])
+    return x.gather(-2, sources[..., None].expand(*x.shape[:-3], *sources.shape, x.shape[-1]))
