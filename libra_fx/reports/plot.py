@@ -62,7 +62,7 @@ def fidelity_plot(rows, path, title="Shapes LLaVA: held-out accuracy vs decoder 
     schedules = list(dict.fromkeys(r["schedule"] for r in rows if r["method"] != UNCOMPRESSED))
     palette = colormaps["tab10" if len(methods) <= 10 else "tab20"].colors
 
-    fig = Figure(figsize=(10, 5.6), dpi=110)
+    fig = Figure(figsize=(10, max(5.6, 0.28 * (len(methods) + 6) + 1.0)), dpi=110)  # room for both legends
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for i, method in enumerate(methods):
