@@ -14,7 +14,8 @@ plus the model's visual dependence per layer (accuracy when every visual token i
 layer ``L``). The vision-side methods (``libra_fx.methods.VISION_METHODS``) compress once, before
 decoder layer 0 (schedule "vision side"): ``prumerge_fixed`` at the same keep ratios, ``prumerge`` and
 ``prumerge_plus`` once each (adaptive: the row's keep is the measured mean kept count per picture,
-its FLOPs ratio the mean over pictures of each picture's measured count). Writes ``fidelity.md``,
+extra token included, its FLOPs ratio the mean over pictures of each picture's measured count), each
+in every layout of ``LAYOUTS`` (the ``order`` and ``positions`` options; column ``layout``). Writes ``fidelity.md``,
 ``fidelity.csv`` and ``fidelity.png`` (accuracy vs FLOPs ratio, one line per method and schedule,
 drawn by ``libra_fx.reports.plot.fidelity_plot`` with matplotlib: ``pip install 'libra-fx[viz]'``) to
 ``--out``::
@@ -40,11 +41,22 @@ from libra_fx.reports.flops import DecoderShape, total_flops
 from libra_fx.methods import METHODS, VISION_METHODS, get_method, is_vision_method, visual_token_counts
 
 ADAPTIVE = tuple(name for name in VISION_METHODS if get_method(name).adaptive)
-from libra_fx.reports.plot import fidelity_plot, read_rows
+from libra_fx.reports.plot import fidelity_plot, read_rows, series
 
 KEEP = (0.5, 0.33, 0.2, 0.125)
 SCHEDULES = {"1 stage": st.DEFAULT_LAYERS, "2 stages": st.DEFAULT_TWO_STAGE_LAYERS}
 VISION = "vision side"  # the vision-side methods' schedule: once, before decoder layer 0
+LAYOUTS = tuple(dict(order=order, positions=positions) for order in ("spatial", "attention")
+                for positions in ("original", "repacked"))  # the vision-side methods' options
+
+
+def layout_name(options: dict) -> str:
+    return f"{options['order']}, {options['positions']}"
+
+
+def named(row: dict) -> str:
+    """A row's method for the tables: ``\`prumerge\` (attention, repacked)``."""
+    return f"`{row['method']}`" + (f" ({row['layout']})" if row.get("layout") else "")
 
 
 def ratio_of(keep: float) -> float:
@@ -57,17 +69,20 @@ def kl(base: torch.Tensor, other: torch.Tensor) -> float:
 
 
 def configs(method, keeps):
-    """``(schedule, layers, keep)`` of each row of ``method``; ``keep=None``: adaptive (measured)."""
+    """``(schedule, layers, keep, spec)`` of each row of ``method``; ``keep=None``: adaptive (measured)."""
     if not is_vision_method(method):
-        return [(schedule, layers, keep) for schedule, layers in SCHEDULES.items() for keep in keeps]
-    return [(VISION, (), None)] if method in ADAPTIVE else [(VISION, (), keep) for keep in keeps]
+        return [(schedule, layers, keep, libra_fx.method(method)) for schedule, layers in SCHEDULES.items()
+                for keep in keeps]
+    return [(VISION, (), keep, libra_fx.method(method, **layout)) for layout in LAYOUTS
+            for keep in ([None] if method in ADAPTIVE else keeps)]
 
 
-def evaluate(model, data, method, ratio, layers, batch, compiler):
-    """Logits through the backend, and (vision-side methods) the kept tokens per picture ``[N]``,
-    read off the compiled graph's ``valid`` side output (``None`` for decoder-side methods)."""
+def evaluate(model, data, spec, ratio, layers, batch, compiler):
+    """Logits through the backend, and (vision-side methods) the tokens per picture ``[N]`` (extra token
+    included), read off the compiled graph's ``valid`` side output (``None`` for decoder-side methods)."""
+    method = spec.name
     torch._dynamo.reset()
-    be = libra_fx.backend(ratio, layers, method, compiler=compiler, strict=True)
+    be = libra_fx.backend(ratio, layers, spec, compiler=compiler, strict=True)
     forward = torch.compile(model.forward, backend=be, fullgraph=True)
     padding = []
 
@@ -132,7 +147,7 @@ def main(argv=None):
                   "| accuracy | " + " | ".join(f"{v:.1%}" for v in dep.values()) + " |", ""]
         print("\n".join(lines), flush=True)
 
-    rows = [dict(method="uncompressed", schedule="-", keep=1.0, ratio=0.0, layers="-",
+    rows = [dict(method="uncompressed", layout="", schedule="-", keep=1.0, ratio=0.0, layers="-",
                  visual_tokens=str(st.NUM_VISUAL_TOKENS), flops_ratio=1.0, accuracy=base_acc, retention=1.0,
                  top1_agreement=1.0, kl=0.0)]
     if args.merge:
@@ -143,12 +158,13 @@ def main(argv=None):
         rows += [r for r in old[1:] if r["method"] not in methods]
     n_vis = st.NUM_VISUAL_TOKENS
     for method in methods:
-        for schedule, layers, keep in configs(method, args.keep):
+        for schedule, layers, keep, spec in configs(method, args.keep):
             ratio = 0.0 if keep is None else ratio_of(keep)
+            layout = layout_name(dict(spec.items())) if is_vision_method(method) else ""
             try:
-                logits, kept = evaluate(model, data, method, ratio, layers, args.batch, args.compiler)
+                logits, kept = evaluate(model, data, spec, ratio, layers, args.batch, args.compiler)
             except Exception as e:  # noqa: BLE001 — a method that cannot run here is reported, not fatal
-                print(f"{method} {schedule} keep {keep}: failed: {type(e).__name__}: {e}"[:300], flush=True)
+                print(f"{method} {layout} {schedule} keep {keep}: failed: {type(e).__name__}: {e}"[:300], flush=True)
                 continue
             if kept is None:
                 tokens = [n_vis] + visual_token_counts(n_vis, ratio, len(layers), method)
@@ -158,13 +174,13 @@ def main(argv=None):
                 tokens = [n_vis, f"{kept.float().mean().item():.3g}"]
                 flops = sum(total_flops(shape, method=method, ratio=ratio, kept=k) for k in kept.tolist()) / len(kept)
             acc = (logits.argmax(-1) == data["answer"]).float().mean().item()
-            row = dict(method=method, schedule=schedule, keep=keep, ratio=ratio, layers=str(layers),
+            row = dict(method=method, layout=layout, schedule=schedule, keep=keep, ratio=ratio, layers=str(layers),
                        visual_tokens="→".join(map(str, tokens)), flops_ratio=flops / vanilla,
                        accuracy=acc, retention=acc / base_acc,
                        top1_agreement=(logits.argmax(-1) == base.argmax(-1)).float().mean().item(),
                        kl=kl(base, logits))
             rows.append(row)
-            print(f"{method:8s} {schedule:8s} keep {keep:5.3f}: acc {acc:.4f} ({acc / base_acc:.1%}), "
+            print(f"{method:8s} {layout} {schedule:8s} keep {keep:5.3f}: acc {acc:.4f} ({acc / base_acc:.1%}), "
                   f"agree {row['top1_agreement']:.3f}, KL {row['kl']:.4f}, FLOPs {row['flops_ratio']:.2f}, "
                   + ("" if kept is None else f"kept {kept.min().item()}–{kept.max().item()}, ")
                   + f"[{time.perf_counter() - started:.0f} s]", flush=True)
@@ -186,7 +202,7 @@ def write_outputs(rows, lines, args, base_acc):
           f"(compiler={args.compiler}).", ""] + lines
     for schedule in [*SCHEDULES, VISION]:
         layers = SCHEDULES.get(schedule)
-        in_table = [m for m in methods if any(r["method"] == m and r["schedule"] == schedule and r["keep"] in keeps
+        in_table = [m for m in methods if any(series(r) == m and r["schedule"] == schedule and r["keep"] in keeps
                                               for r in rows)]
         if not in_table:
             continue
@@ -194,25 +210,26 @@ def write_outputs(rows, lines, args, base_acc):
                                       if layers else "once, before decoder layer 0") + "), keep" + " per stage" * bool(layers) + ":", "",
                "| method | " + " | ".join(f"{k:.1%}".replace(".0%", "%") for k in keeps) + " |",
                "| --- |" + " ---: |" * len(keeps)]
-        for method in in_table:
+        for line in in_table:
+            mine = [r for r in rows if series(r) == line and r["schedule"] == schedule]
             cells = []
             for k in keeps:
-                r = next((r for r in rows if r["method"] == method and r["schedule"] == schedule and r["keep"] == k), None)
+                r = next((r for r in mine if r["keep"] == k), None)
                 cells.append("—" if r is None else f"{r['accuracy']:.1%} ({r['retention']:.1%})")
-            md.append(f"| `{method}` | " + " | ".join(cells) + " |")
+            md.append(f"| {named(mine[0])} | " + " | ".join(cells) + " |")
         md.append("")
     adaptive = [r for r in rows if r["method"] in ADAPTIVE]
     if adaptive:
-        md += [f"**{VISION}, adaptive** (the kept count depends on the picture; mean over pictures):", "",
-               "| method | kept tokens per picture | keep | FLOPs ratio | accuracy (retention) |",
+        md += [f"**{VISION}, adaptive** (the kept count depends on the picture; mean over pictures, extra token "
+               "included):", "", "| method | tokens per picture | keep | FLOPs ratio | accuracy (retention) |",
                "| --- | ---: | ---: | ---: | ---: |"]
-        md += [f"| `{r['method']}` | {r['visual_tokens'].split('→')[-1]} | {r['keep']:.1%} | {r['flops_ratio']:.2f} | "
+        md += [f"| {named(r)} | {r['visual_tokens'].split('→')[-1]} | {r['keep']:.1%} | {r['flops_ratio']:.2f} | "
                f"{r['accuracy']:.1%} ({r['retention']:.1%}) |" for r in adaptive] + [""]
     md += ["Every row (top-1 agreement, KL, tokens, FLOPs):", "",
            "| method | schedule | keep | visual tokens | FLOPs ratio | accuracy | retention | top-1 agreement | KL |",
            "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        md.append(f"| {r['method']} | {r['schedule']} | {r['keep']:.3g} | {r['visual_tokens']} | {r['flops_ratio']:.2f} | "
+        md.append(f"| {series(r)} | {r['schedule']} | {r['keep']:.3g} | {r['visual_tokens']} | {r['flops_ratio']:.2f} | "
                   f"{r['accuracy']:.1%} | {r['retention']:.1%} | {r['top1_agreement']:.1%} | {r['kl']:.4f} |")
     with open(os.path.join(args.out, "fidelity.md"), "w") as f:
         f.write("\n".join(md) + "\n")

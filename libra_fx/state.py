@@ -4,7 +4,7 @@ One :class:`ModelState` per compiled model (``libra_fx.compile`` makes it; a bar
 that serves no decode). The compressed graph returns what decode needs as side outputs; the state
 keeps it per returned KV cache, and completes every later step on that cache::
 
-    prefill   out = forward(...)        side outputs {empty_slots | source, valid}  →  layouts[out.cache]
+    prefill   out = forward(...)        side outputs {empty_slots | source, valid, positions}  →  layouts[out.cache]
     decode    forward(..., cache=c)     kwargs + libra_empty_slots | the compressed prompt's 2-D mask
 
 No module globals, nothing set on transformers' objects: two compiled models never share state.
@@ -20,7 +20,7 @@ import torch
 
 from libra_fx.errors import LibraFallbackWarning, UnsupportedGraph
 from libra_fx.hf_compat import kv_cache, returned_cache
-from libra_fx.sequence.decode import compressed_prompt_kwargs
+from libra_fx.sequence.decode import compressed_prompt_kwargs, position_shift
 
 
 @dataclass
@@ -30,6 +30,7 @@ class DecodeLayout:
     empty_slots: torch.Tensor | None = None  # [num_layers, B] empty slots in front, per layer
     prompt_len: int | None = None  # the uncompressed prompt's length (vision-side stages)
     keep: torch.Tensor | None = None  # [B, T'] False on the compressed prompt's padding (slots and pads)
+    shift: torch.Tensor | None = None  # [B] the compressed prompt's last position id minus the original's
 
 
 class ModelState:
@@ -53,7 +54,8 @@ class ModelState:
         if layout is None or cache.get_seq_length() == 0:
             return kwargs
         if layout.keep is not None:
-            kwargs = compressed_prompt_kwargs(kwargs, layout.prompt_len, layout.keep, cache.get_seq_length())
+            kwargs = compressed_prompt_kwargs(kwargs, layout.prompt_len, layout.keep, cache.get_seq_length(),
+                                              layout.shift)
         if layout.empty_slots is not None:
             kwargs = dict(kwargs, libra_empty_slots=layout.empty_slots)
         return kwargs
@@ -73,6 +75,7 @@ class ModelState:
             layout.keep = valid if mask is None else valid & mask.bool().gather(1, source)
             ids = kwargs.get("input_ids", args[0] if args else None)
             layout.prompt_len = (ids if ids is not None else kwargs["inputs_embeds"]).shape[1]
+            layout.shift = position_shift(side["positions"], layout.prompt_len)
         self._layouts[cache] = layout
 
     def _check_compressed(self, kwargs: dict) -> None:

@@ -3,6 +3,8 @@ uncompressed with a warning (or raise under ``strict=True``); never a silently w
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch._dynamo.exc import BackendCompilerFailed
@@ -34,6 +36,19 @@ def test_malformed_layers(layers):
 def test_other_settings(kw, message):
     with pytest.raises(ValueError, match=message):
         libra_fx.backend(**kw)
+
+
+@pytest.mark.parametrize("method, options, message", [
+    ("prumerge", dict(positions="shifted"), "positions must be one of 'original', 'repacked', got 'shifted'"),
+    ("prumerge_plus", dict(order="descending"), "order must be one of 'spatial', 'attention', got 'descending'"),
+    ("prumerge_fixed", dict(order=None), "order must be one of 'spatial', 'attention', got None"),
+    ("prumerge", dict(tau=0.5), "method 'prumerge' takes order, positions; got tau"),
+])
+def test_prumerge_layout_options(method, options, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        libra_fx.method(method, **options)
+    with pytest.raises(ValueError, match="give tau/eta inside"):
+        libra_fx.backend(method=libra_fx.method(method), tau=0.5)
 
 
 def test_layer_index_beyond_the_model_names_the_layer_count(run_backend):

@@ -28,16 +28,16 @@ def importance_rows(max_n=40):
 # ------------------------------------------------------------------------------------------
 
 
-def test_cls_importance_is_the_layers_own_cls_row_over_patches():
+def test_cls_importance_is_one_full_width_softmax():
     torch.manual_seed(0)
-    q, k = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4)
-    a = pm.cls_importance(q, k, 0.5)
+    q, k = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4)  # 3 heads of 4: width C = 12
+    a = pm.cls_importance(q, k)
     for s in range(2):
-        rows = [torch.softmax(torch.tensor([float(q[s, h, 0] @ k[s, h, j]) * 0.5 for j in range(5)]), 0)
-                for h in range(3)]
-        torch.testing.assert_close(a[s], torch.stack(rows).mean(0)[1:], atol=1e-6, rtol=0)
+        q_cls = torch.cat([q[s, h, 0] for h in range(3)])
+        keys = [torch.cat([k[s, h, j] for h in range(3)]) for j in range(5)]
+        row = torch.softmax(torch.tensor([float(q_cls @ key) / 12**0.5 for key in keys]), 0)
+        torch.testing.assert_close(a[s], row[1:], atol=1e-6, rtol=0)
     assert (a.sum(-1) < 1).all()  # the [CLS] key's share is left out, not renormalised
-    torch.testing.assert_close(pm.cls_importance(q, k), pm.cls_importance(q, k, 4**-0.5))
 
 
 def test_patch_keys_concatenate_heads_and_drop_cls():
@@ -83,42 +83,48 @@ def test_iqr_capacity_values(n, cap):
 
 @PROPS
 @given(importance_rows(80))
-def test_prumerge_plus_keeps_about_a_quarter_within_capacity(a):
+def test_prumerge_plus_samples_follow_the_reference(a):
     n = a.shape[1]
     iqr = pm.iqr_outliers(a)
-    plus = pm.uniform_samples(iqr)
-    assert (plus | iqr).eq(plus).all()  # a superset of the IQR patches
-    k, m = int(iqr.sum()), pm.uniform_target(n)
-    total = int(plus.sum())
-    assert total <= pm.plus_capacity(n)
-    if k >= m:
-        assert total == k
-    else:
-        stride = -(-n // (m - k))
-        samples = len(range(0, n, stride))  # ≤ m − k, and the largest such count a stride gives
-        assert plus[0, ::stride].all() and samples <= m - k and max(k, samples) <= total <= m
-        assert stride == 1 or len(range(0, n, stride - 1)) > m - k
-    assert pm.uniform_target(576) == 144 and pm.uniform_target(36) == 9
+    sampled = pm.uniform_samples(iqr)
+    k = int(iqr.sum())
+    step = int(1 / (k / n))  # the reference's float reading
+    want = [x for x in (range(0, n - 1, step // 3) if step // 3 else []) if not iqr[0, x]]
+    assert sampled[0].nonzero().flatten().tolist() == want
+    assert int((iqr | sampled).sum()) + 1 <= pm.plus_capacity(n) or int((iqr | sampled).sum()) == n
 
 
-def test_uniform_stride_hand_cases():
-    assert pm.uniform_stride(576, 10) == 5  # ceil(576 / (144 − 10)): 116 samples ≤ 134
-    assert pm.uniform_stride(576, 143) == 576  # one sample (rank 0)
-    assert pm.uniform_stride(576, 144) == 0  # IQR alone reaches 25 %: no samples
-    assert pm.plus_capacity(576) == 144 and pm.plus_capacity(36) == 9 and pm.plus_capacity(1) == 1
+@pytest.mark.parametrize("n, k, stride", [(576, 32, 6), (576, 10, 19), (576, 100, 1), (144, 20, 2), (2, 1, 0)])
+def test_uniform_stride_hand_cases(n, k, stride):
+    assert pm.uniform_stride(n, k) == stride  # ⌊⌊n/k⌋/3⌋
+
+
+def test_capacities():
+    assert pm.plus_capacity(576) == 576 and pm.plus_capacity(144) == 144  # s = 1 is reachable: up to every patch
+    assert pm.plus_capacity(2) == 2 and pm.plus_capacity(1) == 1
+    assert get_method("prumerge").capacity(576, 0.0) == 145  # 144 IQR patches + the extra token
+    assert get_method("prumerge_fixed").capacity(8, 0.0) == 8  # every patch kept: no extra token
 
 
 def test_fixed_variant_top_ratio_in_order_lower_rank_on_ties():
     a = torch.tensor([[0.1, 0.5, 0.2, 0.5, 0.3]])
     assert pm.top_fraction(a, 0.6)[0].nonzero().flatten().tolist() == [1, 3]  # Nt = round(5·0.4) = 2
-    assert get_method("prumerge_fixed").capacity(5, 0.6) == 2
+    assert get_method("prumerge_fixed").capacity(5, 0.6) == 3  # and the extra token
     assert get_method("prumerge_fixed").select(a, 0.6).tolist() == pm.top_fraction(a, 0.6).tolist()
 
 
-def test_kept_slots_keep_order_and_pad():
-    kept = torch.tensor([[False, True, False, True], [True, False, False, False]])
-    ranks, valid = pm.kept_slots(kept, 3)
-    assert ranks.tolist() == [[1, 3, 3], [0, 3, 3]] and valid.tolist() == [[True, True, False], [True, False, False]]
+def test_kept_slots_orders_extra_token_and_padding():
+    kept = torch.tensor([[False, True, False, True, False], [True, True, True, True, True]])
+    sampled = torch.tensor([[True, False, False, False, False], [False] * 5])
+    a = torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.0], [0.5, 0.1, 0.1, 0.2, 0.1]])
+    ranks, is_kept, valid = pm.kept_slots(kept, sampled, a, 5, "spatial")
+    assert ranks.tolist() == [[0, 1, 3, 4, 4], [0, 1, 2, 3, 4]]
+    assert is_kept.tolist() == [[True] * 3 + [False] * 2, [True] * 5]
+    assert valid.tolist() == [[True] * 4 + [False], [True] * 5]  # extra token after the kept; none when all kept
+    ranks, _, _ = pm.kept_slots(kept, sampled, a, 5, "attention")
+    assert ranks.tolist() == [[3, 1, 0, 4, 4], [0, 3, 1, 2, 4]]  # by descending a (lower rank on ties), samples after
+    with pytest.raises(ValueError, match="order must be one of 'spatial', 'attention'"):
+        pm.kept_slots(kept, sampled, a, 5, "random")
 
 
 # ------------------------------------------------------------------------------------------
@@ -126,15 +132,19 @@ def test_kept_slots_keep_order_and_pad():
 # ------------------------------------------------------------------------------------------
 
 
-def test_knn_merge_hand_case():
-    # 4 patches on a line of keys; k = 1: patch 0's nearest (cosine) is patch 1 (same direction)
+def test_knn_merge_and_extra_token_hand_case():
+    # 4 patches; k = 1: patch 0's nearest (cosine) is patch 1 (same direction)
     keys = torch.tensor([[[1.0, 0.0], [2.0, 0.1], [0.0, 1.0], [-1.0, 0.0]]])
     feats = torch.tensor([[[1.0], [2.0], [3.0], [4.0]]])
     a = torch.tensor([[0.1, 0.3, 0.2, 0.4]])
     merged = pm.knn_merge(feats, keys, a, torch.tensor([[0, 2]]), k=1)
-    # slot 0: {0, 1}, weights 0.1/0.4, 0.3/0.4 → 0.25·1 + 0.75·2 = 1.75
-    # slot 2: nearest to [0, 1] is [2, 0.1] (cos 0.05) → {2, 1}, weights 0.2/0.5, 0.3/0.5 → 0.4·3 + 0.6·2 = 2.4
-    torch.testing.assert_close(merged, torch.tensor([[[1.75], [2.4]]]))
+    # slot 0: 1 + 0.3·2 = 1.6; slot 2: nearest to [0, 1] is [2, 0.1] (cos 0.05) → 3 + 0.3·2 = 3.6
+    torch.testing.assert_close(merged, torch.tensor([[[1.6], [3.6]]]))
+    kept = torch.tensor([[True, False, True, False]])
+    torch.testing.assert_close(pm.extra_token(feats, a, kept), torch.tensor([[0.3 * 2 + 0.4 * 4]]))
+    ranks, is_kept, valid = pm.kept_slots(kept, torch.zeros_like(kept), a, 4)
+    slots = pm.merged_slots(feats, keys, a, kept, ranks, is_kept, valid, k=1)
+    torch.testing.assert_close(slots, torch.tensor([[[1.6], [3.6], [2.2], [0.0]]]))  # kept, extra, padding
 
 
 @PROPS
@@ -145,11 +155,10 @@ def test_knn_merge_properties(n, k, seed):
     a = torch.rand(1, n, generator=gen) + 0.01
     ranks = torch.arange(n)[None]
     same = pm.knn_merge(torch.ones(1, n, 2) * 7, keys, a, ranks, k)
-    torch.testing.assert_close(same, torch.full((1, n, 2), 7.0))  # weights sum to 1
     nbrs = pm.neighbours(keys, ranks, k)
     assert nbrs.shape == (1, n, min(k, n - 1)) and not (nbrs == ranks[..., None]).any()  # itself excluded
-    everything = pm.knn_merge(torch.randn(1, n, 2, generator=gen), keys, a, ranks, n)  # k ≥ N−1: all patches
-    torch.testing.assert_close(everything[0, 0], everything[0, -1], atol=1e-5, rtol=0)
+    want = 7 * (1 + a[0].gather(0, nbrs[0].flatten()).reshape(n, -1).sum(-1))  # weight 1 + the neighbours' a
+    torch.testing.assert_close(same[0], want[:, None].expand(n, 2), atol=1e-5, rtol=0)
 
 
 def test_bad_input_raises_value_error():
@@ -166,25 +175,27 @@ def test_bad_input_raises_value_error():
 # ------------------------------------------------------------------------------------------
 
 
-def test_vision_compress_splices_slots_in_order_with_their_positions():
+def test_vision_compress_splices_slots_with_their_positions():
     torch.manual_seed(0)
-    b, t, n, d = 2, 9, 4, 3  # [text, text, img×4, text, text, text]
+    b, t, n, d = 2, 9, 4, 3  # [text, text, img×4, text, text, text], 3 slots per image
     span = torch.zeros(b, t, dtype=torch.bool)
     span[:, 2:6] = True
-    hidden = torch.randn(b, t, d)
-    q, k = torch.randn(b, 2, 1 + n, 2), torch.randn(b, 2, 1 + n, 2)
-    out, span2, source, valid = vision_compress(hidden, span, q, k, None, span_len=n, spans_per_sample=1,
-                                                method="prumerge", ratio=0.0, slots=2)
-    assert out.shape == (b, t - n + 2, d)
-    kept = pm.iqr_outliers(pm.cls_importance(q, k))
+    hidden = torch.randn(b, t, d)  # the projected slots sit in each span's first 3 rows
+    ranks = torch.tensor([[3, 1, 3], [0, 3, 3]])  # sample 0: patches 3, 1, the extra token; 1: patch 0, extra, padding
+    valid = torch.tensor([[True, True, True], [True, True, False]])
+    outs = {pos: vision_compress(hidden, span, ranks, valid, span_len=n, spans_per_sample=1, slots=3, positions=pos)
+            for pos in ("original", "repacked")}
+    out, span2, source, ok, original = outs["original"]
+    assert out.shape == (b, t - n + 3, d)
+    assert source.tolist() == [[0, 1, 2, 3, 4, 6, 7, 8]] * 2  # masks: the slot's place in the span
+    assert ok.tolist() == [[True] * 8, [True] * 4 + [False] + [True] * 3]
+    assert span2.tolist() == [[False, False, True, True, True, False, False, False],
+                              [False, False, True, True, False, False, False, False]]
+    assert original.tolist() == [[0, 1, 5, 3, 5, 6, 7, 8], [0, 1, 2, 5, 5, 6, 7, 8]]  # the patch's own; extra: the last
+    assert outs["repacked"][4].tolist() == [list(range(8)), [0, 1, 2, 3, 3, 4, 5, 6]]  # padding skipped
     for s in range(b):
-        ranks = kept[s].nonzero().flatten().tolist()
-        want_source = [0, 1] + [2 + r for r in ranks] + [5] * (2 - len(ranks)) + [6, 7, 8]
-        assert source[s].tolist() == want_source
-        assert valid[s].tolist() == [True] * (2 + len(ranks)) + [False] * (2 - len(ranks)) + [True] * 3
-        assert span2[s].tolist() == [False, False] + [True] * len(ranks) + [False] * (5 - len(ranks))
-        torch.testing.assert_close(out[s, [0, 1, 4, 5, 6]], hidden[s, [0, 1, 6, 7, 8]])
-        assert (out[s, 2 + len(ranks):4] == 0).all()  # padding slots hold zeros
+        torch.testing.assert_close(out[s, [0, 1, 5, 6, 7]], hidden[s, [0, 1, 6, 7, 8]])
+        torch.testing.assert_close(out[s, 2:5], torch.where(valid[s, :, None], hidden[s, 2:5], 0.0))  # padding: zeros
 
 
 def test_padding_slots_are_masked_except_for_themselves():
@@ -198,7 +209,7 @@ def test_padding_slots_are_masked_except_for_themselves():
 
 def test_decode_steps_get_the_compressed_layout():
     """``libra_fx.compile``'s forward, on a step after a compressed prefill (T=6 → T'=4, slot 2 padding)."""
-    from libra_fx.sequence.decode import compressed_prompt_kwargs
+    from libra_fx.sequence.decode import compressed_prompt_kwargs, position_shift
 
     cached = 5  # 4 prompt slots + 1 generated token
 
@@ -209,6 +220,11 @@ def test_decode_steps_get_the_compressed_layout():
     assert out["position_ids"].tolist() == [[6], [7]]  # the original prompt's positions continue
     out = compressed_prompt_kwargs(dict(input_ids=torch.zeros(1, 1, dtype=torch.long)), 6, keep[1:], cached)
     assert out["attention_mask"].tolist() == [[1] * 6] and out["position_ids"].tolist() == [[7]]
+    # re-packed positions of that layout (the padding slot repeats its predecessor): 3 and 2 positions saved
+    shift = position_shift(torch.tensor([[0, 1, 1, 2], [0, 1, 2, 3]]), 6)
+    out = compressed_prompt_kwargs(dict(input_ids=torch.zeros(2, 1, dtype=torch.long), attention_mask=mask), 6, keep,
+                                   cached, shift)
+    assert shift.tolist() == [-3, -2] and out["position_ids"].tolist() == [[3], [5]]  # 2 prompt tokens + 1 new; 4 + 1
     with pytest.raises(ValueError, match="does not continue"):
         compressed_prompt_kwargs(dict(input_ids=torch.zeros(2, 1, dtype=torch.long), attention_mask=mask[:, :7]), 6, keep,
                                  cached)

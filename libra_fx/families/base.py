@@ -14,6 +14,8 @@ family subclasses it (or instantiates it) and provides:
 - ``position_rows``: the leading rows of multi-axis position ids and RoPE tables (``()``: 1-D);
 - ``mask``: the decoder's mask semantics; the passes support ``"causal"`` (with padding) only;
 - ``vision_methods``: whether its tower has the [CLS] token the vision-side methods need;
+  ``projector``: the name of the module that maps the tower's features to the decoder's width
+  (the vision-side methods merge at its input);
 - ``prepare_forward(model, kwargs)``: anything computed before the compiled forward;
 - ``install_shims(model)``: per-instance shims (default: the feature-count message below);
 - ``graph_break_hint``: what to tell a user whose graph break cut the visual tokens off the decoder;
@@ -39,6 +41,7 @@ class FamilyAdapter:
     position_rows: tuple[int, ...] = ()
     mask: str = "causal"
     vision_methods: bool = False
+    projector: str = "multi_modal_projector"
     graph_break_hint: str = ""
     model_types: tuple[str, ...] = ()
     tiny: dict = field(default_factory=dict)

@@ -5,6 +5,7 @@
     libra_fx.method("libra", tau=0.6)        # MethodSpec(name='libra', options=IGMOptions(tau=0.6, eta='mean'))
     libra_fx.method("turbo", lam=0.5)        # MethodSpec(name='turbo', options=TurboOptions(lam=0.5))
     libra_fx.backend(method=libra_fx.method("turbo", lam=0.5))
+    libra_fx.method("prumerge", order="attention", positions="repacked")   # the reference's layout
 
 A new decoder-side method is a selector, a compressor and one entry in :data:`METHODS`. The
 vision-side methods (``side="vision"``) compress once, where the image features enter the language
@@ -62,6 +63,25 @@ class TurboOptions:
             raise ValueError(f"lam must be a finite number, got {self.lam!r}")
 
 
+POSITIONS = ("original", "repacked")
+
+
+@dataclass(frozen=True)
+class PruMergeOptions:
+    """The vision-side methods' layout (contract §6): ``order`` of the kept tokens, ``"spatial"`` (patch
+    order) or ``"attention"`` (the reference's: descending [CLS] attention, PruMerge+'s samples after);
+    ``positions``: ``"original"`` (each kept token keeps its patch's position id, text keeps its own) or
+    ``"repacked"`` (the compressed sequence is numbered afresh, as LLaVA numbers its input)."""
+
+    order: str = "spatial"
+    positions: str = "original"
+
+    def __post_init__(self):
+        for name, valid in (("order", prumerge.ORDERS), ("positions", POSITIONS)):
+            if getattr(self, name) not in valid:
+                raise ValueError(f"{name} must be one of {', '.join(map(repr, valid))}, got {getattr(self, name)!r}")
+
+
 def _check_eta(eta) -> None:
     if eta != "mean" and (isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta > 0):
         raise ValueError(f"eta must be 'mean' or a positive number, got {eta!r}")
@@ -79,8 +99,9 @@ class Method:
     labels: Callable | None = None  # (hidden, targets, options) -> [S, N] each token's group (or a label < 0)
     compensation: bool = False  # whether each stage appends a compensation token per span
     # vision side
-    select: Callable | None = None  # (a [S, N], ratio) -> kept [S, N] bool
-    capacity: Callable | None = None  # (n, ratio) -> static slots per image
+    select: Callable | None = None  # (a [S, N], ratio) -> kept [S, N] bool, ranked by a in "attention" order
+    samples: Callable = prumerge.no_samples  # kept -> the patches kept besides them (PruMerge+), [S, N] bool
+    capacity: Callable | None = None  # (n, ratio) -> static slots per image (extra token included)
     adaptive: bool = False  # the kept count depends on the image (held in padded slots)
     typical_kept: float | None = None  # adaptive methods: the kept fraction the FLOPs report assumes
 
@@ -148,14 +169,17 @@ METHODS: Mapping[str, Method] = MappingProxyType({m.name: m for m in (
     Method("igm_neg", "ablation: PTI + IGM with every non-target negative (one compensation token)",
            TemperatureOptions, selector=_PTI, compressor=_igm(merge_positives=False),
            labels=_igm_labels(float("inf"), merge_positives=False), compensation=True),
-    Method("prumerge", "PruMerge: [CLS]-attention IQR outliers, each merged with its 32 nearest patches",
-           side="vision", select=lambda a, ratio: prumerge.iqr_outliers(a),
-           capacity=lambda n, ratio: prumerge.iqr_capacity(n), adaptive=True, typical_kept=32 / 576),
-    Method("prumerge_plus", "PruMerge+: IQR outliers + spatially uniform samples (about 25 %), merged alike",
-           side="vision", select=lambda a, ratio: prumerge.uniform_samples(prumerge.iqr_outliers(a)),
-           capacity=lambda n, ratio: prumerge.plus_capacity(n), adaptive=True, typical_kept=0.25),
+    Method("prumerge", "PruMerge: [CLS]-attention IQR outliers, each plus its 32 nearest patches by attention, "
+           "+ one extra token", PruMergeOptions, side="vision", select=lambda a, ratio: prumerge.iqr_outliers(a),
+           capacity=lambda n, ratio: prumerge.with_extra(n, prumerge.iqr_capacity(n)), adaptive=True,
+           typical_kept=32 / 576),
+    Method("prumerge_plus", "PruMerge+: IQR outliers + uniform samples (stride from the IQR share), merged alike",
+           PruMergeOptions, side="vision", select=lambda a, ratio: prumerge.iqr_outliers(a),
+           samples=prumerge.uniform_samples, capacity=lambda n, ratio: prumerge.plus_capacity(n), adaptive=True,
+           typical_kept=0.25),
     Method("prumerge_fixed", "PruMerge with a fixed budget: the Nt most [CLS]-attended patches, merged alike",
-           side="vision", select=prumerge.top_fraction, capacity=selectors.num_targets),
+           PruMergeOptions, side="vision", select=prumerge.top_fraction,
+           capacity=lambda n, ratio: prumerge.with_extra(n, selectors.num_targets(n, ratio))),
 )})
 DECODER_METHODS = tuple(name for name, m in METHODS.items() if m.side == "decoder")
 VISION_METHODS = tuple(name for name, m in METHODS.items() if m.side == "vision")

@@ -37,7 +37,8 @@ class Stage:
     importance: fx.Node | None = None
     hidden: fx.Node | None = None  # compressed hidden states
     span: fx.Node | None = None  # [B, T'] mask of the merged targets (next stage's span)
-    source: fx.Node | None = None  # [B, T'] source index into the stage's input sequence
+    source: fx.Node | None = None  # [B, T'] source index into the stage's input sequence (masks)
+    positions: fx.Node | None = None  # [B, T'] index whose position ids / RoPE each token takes (None: source)
     new_len: fx.Node | None = None  # sym_size(hidden, 1)
     region: set[fx.Node] = field(default_factory=set)  # original nodes that see this stage's output
 

@@ -1,20 +1,26 @@
-"""Insert the vision-side stage (PruMerge, PruMerge+, fixed) where the image features enter the
-language model, before decoder layer 0 (contract §6).
+"""Insert the vision-side stage (PruMerge, PruMerge+, fixed): the merge at the projector's input, the
+splice where the image features enter the language model, before decoder layer 0 (contract §6).
 
 The [CLS] query and the keys come from the attention of the vision tower's *last* encoder layer
-(``…vision_tower.encoder.layers.<last>``; the adapter says whether the family's tower has a [CLS])::
+(``…vision_tower.encoder.layers.<last>``; the adapter says whether the family's tower has a [CLS]);
+the features are the projector's input (the adapter names the projector)::
 
     attn_5 = scaled_dot_product_attention(queries_3, keys_3, values_3, scale=0.25)   # tower, last layer
+    selected_image_feature = getitem(hidden_states, (slice(None), slice(1, None)))   # [S, N, Dv]
+  + merge = vision_merge(selected_image_feature, queries_3, keys_3, method='prumerge', ratio=0.5,
+  +                      slots=37, options=(('order', 'spatial'), ('positions', 'original')))
+  + slots = merge[0]; ranks = merge[1]; valid = merge[2]
+    hidden_states_15 = linear(slots, …)                                              # projector, on the slots
     ...
     inputs_embeds_1 = inputs_embeds.masked_scatter(mask, image_features)             # features enter
-  + stage = vision_compress(inputs_embeds_1, span, queries_3, keys_3, 0.25,
-  +                         span_len=144, spans_per_sample=1, method='prumerge', ratio=0.5, slots=36)
-  + hidden = stage[0]; span_1 = stage[1]; source = stage[2]; valid = stage[3]
+  + stage = vision_compress(inputs_embeds_1, span, ranks, valid, span_len=144, spans_per_sample=1,
+  +                         slots=37, positions='original')
+  + hidden = stage[0]; span_1 = stage[1]; source = stage[2]; valid_1 = stage[3]; positions = stage[4]
   + length = sym_size(hidden, 1)
 
-The stage is prepended to ``ctx.stages`` so that ``rewire_sequence`` re-indexes positions, RoPE,
-masks and lengths of the whole decoder by ``source``; ``(source, valid)`` become side outputs, the
-compressed layout that decode steps need (``libra_fx.state``).
+The stage is prepended to ``ctx.stages`` so that ``rewire_sequence`` re-indexes masks by ``source``,
+and position ids and RoPE by ``positions``, in the whole decoder; ``(source, valid, positions)``
+become side outputs, the compressed layout that decode steps need (``libra_fx.state``).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from libra_fx.passes.fx_utils import LAYER_PATH, ancestors, call, module_path, v
 from libra_fx.passes.insert_span_sizes import show
 from libra_fx.passes.matchers import find_attention
 from libra_fx.sequence.splice import visual_span_mask
-from libra_fx.sequence.vision import vision_compress
+from libra_fx.sequence.vision import vision_compress, vision_merge
 
 
 def vision_last_layer(graph: fx.Graph, features: fx.Node) -> tuple[str, int, list[fx.Node]]:
@@ -66,6 +72,29 @@ def _check_site(site, images: int, per_image: int) -> None:
         )
     if site.mask is not None:
         raise UnsupportedGraph("the vision tower's last attention has a mask; PruMerge expects full bidirectional attention")
+    if site.scale is not None and abs(site.scale - q.shape[-1] ** -0.5) > 1e-6 * q.shape[-1] ** -0.5:
+        raise UnsupportedGraph(f"the vision tower's last attention scales by {site.scale}, not d^-½: its query may be "
+                               "pre-scaled, and PruMerge needs q_proj's output")
+
+
+def projector_input(graph: fx.Graph, features: fx.Node, projector: str, images: int, per_image: int,
+                    before: list[fx.Node]) -> tuple[fx.Node, list[fx.Node]]:
+    """The tower's features as the projector takes them (``[S, N, Dv]``), and the projector's nodes that
+    read them, in program order; they must come after ``before`` (the [CLS] query and keys)."""
+    inside = {n for n in ancestors(features) | {features} if projector in module_path(n).split(".")}
+    found = {a for n in inside for a in n.all_input_nodes if a not in inside
+             and getattr(value(a), "shape", None) is not None and tuple(value(a).shape[:2]) == (images, per_image)
+             and value(a).dim() == 3}
+    if len(found) != 1:
+        raise UnsupportedGraph(f"PruMerge merges the tower's features at the projector's input, but the {projector!r} "
+                               f"module upstream of the image features takes {len(found)} [{images}, {per_image}, D] "
+                               "inputs (expected one)")
+    (node,) = found
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    readers = sorted((u for u in node.users if u in inside), key=order.get)
+    if order[readers[0]] < max(order[b] for b in before):
+        raise UnsupportedGraph("the projector reads the tower's features before the tower's last attention runs")
+    return node, readers
 
 
 def run(ctx: RewriteContext) -> PassResult:
@@ -84,21 +113,33 @@ def run(ctx: RewriteContext) -> PassResult:
     per_image, spans_per_sample = flat[0], len(ctx.span_lens[0])
     tower, last, nodes = vision_last_layer(graph, visual.args[2])
     site = find_attention(last, nodes)
-    _check_site(site, ctx.batch * spans_per_sample, per_image)
+    images = ctx.batch * spans_per_sample
+    _check_site(site, images, per_image)
+    features, readers = projector_input(graph, visual.args[2], ctx.family.projector, images, per_image,
+                                        [site.query, site.key])
     slots = method.capacity(per_image, cfg.ratio)
+    options = cfg.spec.items()
+    extra = dict(record=True) if ctx.record else {}
 
+    with graph.inserting_before(readers[0]):
+        merge = call(graph, vision_merge, features, site.query, site.key, method=cfg.method, ratio=cfg.ratio,
+                     slots=slots, options=options, **extra)
+        merged = [call(graph, operator.getitem, merge, i) for i in range(4 if ctx.record else 3)]
+    for reader in readers:
+        reader.replace_input_with(features, merged[0])
     with graph.inserting_before(visual.next):  # new nodes in program order, right after the features enter
         span = call(graph, visual_span_mask, ctx.visual_mask)
-        extra = dict(record=True) if ctx.record else {}
-        node = call(graph, vision_compress, visual, span, site.query, site.key, site.scale,
-                    span_len=per_image, spans_per_sample=spans_per_sample, method=cfg.method,
-                    ratio=cfg.ratio, slots=slots, **extra)
-        outs = [call(graph, operator.getitem, node, i) for i in range(5 if ctx.record else 4)]
+        node = call(graph, vision_compress, visual, span, merged[1], merged[2], span_len=per_image,
+                    spans_per_sample=spans_per_sample, slots=slots, positions=cfg.spec.options.positions)
+        outs = [call(graph, operator.getitem, node, i) for i in range(5)]
         new_len = call(graph, torch.ops.aten.sym_size.int, outs[0], 1)
     stage = Stage(-1, [], visual, ctx.span_lens, attention=site, hidden=outs[0], span=outs[1], source=outs[2],
-                  new_len=new_len)
+                  positions=outs[4], new_len=new_len)
     ctx.stages.insert(0, stage)
-    ctx.side_outputs.update(source=outs[2], valid=outs[3], **({"records0": outs[4]} if ctx.record else {}))
+    ctx.side_outputs.update(source=outs[2], valid=outs[3], positions=outs[4],
+                            **({"records0": merged[3]} if ctx.record else {}))
     result.matched.append(f"vision tower {tower!r}: [CLS] attention of layer {last} ({site.kind.value} {site.node.name})")
+    result.matched.append(f"projector input {features.name}: merged into {slots} slots per image "
+                          f"({', '.join(f'{k}={v}' for k, v in options)})")
     result.matched.append(f"before decoder layer 0: {cfg.method} {per_image} → at most {slots} tokens per image")
     return result

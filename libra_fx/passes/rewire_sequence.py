@@ -5,8 +5,9 @@ outside the region are rewired by what they are::
 
     hidden states of layer L   → compressed hidden states
     sequence length T          → sym_size(hidden', 1)      (SymInt, or literal ints when static)
-    [.., T, ..] per-token data → gather_tokens(x, source, dim, batch_dim)  (RoPE cos/sin, position ids,
-                                  multi-axis [R, B, T, d] tables of the families that declare R rows)
+    [.., T, ..] per-token data → gather_tokens(x, positions, dim, batch_dim)  (RoPE cos/sin, position ids,
+                                  multi-axis [R, B, T, d] tables of the families that declare R rows;
+                                  ``positions`` is the stage's source unless it numbers tokens afresh)
     [.., T, T] attention mask  → gather_mask(mask, source)      (causal in the new order)
     parameters, buffers, anything without T → unchanged
 
@@ -104,7 +105,8 @@ def _replacement(ctx: RewriteContext, stage: Stage, node: fx.Node, kind, made: d
             if kind == MASK:
                 made[node] = call(graph, gather_mask, node, stage.source)
             else:
-                made[node] = call(graph, gather_tokens, node, stage.source, *kind[1:])
+                positions = stage.source if stage.positions is None else stage.positions
+                made[node] = call(graph, gather_tokens, node, positions, *kind[1:])
         ctx.derived[made[node]] = kind
     return made[node]
 

@@ -43,8 +43,9 @@ def preset(name: str, visual_tokens: int | None = None) -> DecoderShape:
 def kept_tokens(method: str, n: int, ratio: float = 0.0, kept: int | None = None) -> int:
     """Visual tokens per image the decoder sees under a vision-side ``method``.
 
-    ``prumerge_fixed``: ``num_targets(n, ratio)``. The adaptive methods: ``kept`` when given (a measured
-    image), else the typical count ``round(typical_kept·n)`` (32 of 576 for PruMerge, 144 for PruMerge+).
+    ``prumerge_fixed``: its ``num_targets(n, ratio)`` patches plus the extra token (while one is pruned).
+    The adaptive methods: ``kept`` when given (a measured image, extra token included), else the
+    typical count ``round(typical_kept·n)`` (the paper's: 32 of 576 for PruMerge, 144 for PruMerge+).
     """
     m = get_method(method)
     if m.side != "vision":
@@ -54,7 +55,7 @@ def kept_tokens(method: str, n: int, ratio: float = 0.0, kept: int | None = None
             raise ValueError(f"kept must be a token count in [1, {n}], got {kept!r}")
         return kept
     if not m.adaptive:
-        return num_targets(n, ratio)
+        return m.capacity(n, ratio)
     return max(1, min(n, int(m.typical_kept * n + 0.5)))
 
 

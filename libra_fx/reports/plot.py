@@ -17,7 +17,7 @@ import argparse
 import ast
 import csv
 
-TEXT_FIELDS = ("method", "schedule", "layers", "visual_tokens")
+TEXT_FIELDS = ("method", "layout", "schedule", "layers", "visual_tokens")
 UNCOMPRESSED = "uncompressed"
 DOTTED = ("2 stages",)  # schedules drawn dotted; every other one is solid
 
@@ -26,6 +26,11 @@ def read_rows(path) -> list[dict]:
     """The rows of a ``fidelity.csv``: numbers as floats, the ``TEXT_FIELDS`` as strings."""
     with open(path, newline="") as f:
         return [{k: (v if k in TEXT_FIELDS else float(v)) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def series(row: dict) -> str:
+    """A row's line: its method, with its layout options when it has some (the vision-side methods)."""
+    return f"{row['method']} ({row['layout']})" if row.get("layout") else row["method"]
 
 
 def _matplotlib():
@@ -51,20 +56,20 @@ def _schedule_label(schedule: str, layers: str) -> str:
 
 def fidelity_plot(rows, path, title="Shapes LLaVA: held-out accuracy vs decoder FLOPs") -> list[str]:
     """Draw ``rows`` (``benchmarks/fidelity.py``'s, or ``read_rows``') to the PNG ``path`` with the Agg
-    backend (no display); return the methods in the order they were drawn (the order of ``rows``)."""
+    backend (no display); return the lines (:func:`series`) in the order they were drawn (that of ``rows``)."""
     colormaps, FigureCanvasAgg, Figure, Line2D = _matplotlib()
-    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != UNCOMPRESSED))
+    methods = list(dict.fromkeys(series(r) for r in rows if r["method"] != UNCOMPRESSED))
     schedules = list(dict.fromkeys(r["schedule"] for r in rows if r["method"] != UNCOMPRESSED))
     palette = colormaps["tab10" if len(methods) <= 10 else "tab20"].colors
 
-    fig = Figure(figsize=(10, 5.6), dpi=110)
+    fig = Figure(figsize=(10, max(5.6, 0.28 * (len(methods) + 6) + 1.0)), dpi=110)  # room for both legends
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for i, method in enumerate(methods):
         colour = palette[i % len(palette)]
         for schedule in schedules:
             pts = sorted((r["flops_ratio"], 100 * r["accuracy"]) for r in rows
-                         if r["method"] == method and r["schedule"] == schedule)
+                         if series(r) == method and r["schedule"] == schedule)
             if not pts:
                 continue
             xs, ys = zip(*pts)
@@ -89,14 +94,14 @@ def fidelity_plot(rows, path, title="Shapes LLaVA: held-out accuracy vs decoder 
 
     handles = []
     for i, m in enumerate(methods):
-        single = all(sum(r["method"] == m and r["schedule"] == s for r in rows) <= 1 for s in schedules)
+        single = all(sum(series(r) == m and r["schedule"] == s for r in rows) <= 1 for s in schedules)
         handles.append(Line2D([], [], color=palette[i % len(palette)], label=m, **(
             dict(linestyle="none", marker="D", markersize=7, markeredgecolor="black") if single else dict(linewidth=2.5))))
     legend = ax.legend(handles=handles, title="method", loc="upper left", bbox_to_anchor=(1.01, 1.0),
                        frameon=False, fontsize=9)
     ax.add_artist(legend)
     layers = {r["schedule"]: r.get("layers", "") for r in rows}
-    counts = [sum(r["method"] == m and r["schedule"] == s for r in rows) for m in methods for s in schedules]
+    counts = [sum(series(r) == m and r["schedule"] == s for r in rows) for m in methods for s in schedules]
     styles = [Line2D([], [], color="0.3", linestyle=":" if s in DOTTED else "-", marker="o", markersize=4,
                      label=_schedule_label(s, layers[s])) for j, s in enumerate(schedules)
               if max(counts[j::len(schedules)], default=0) > 1]  # drawn as a line by some method

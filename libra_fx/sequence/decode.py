@@ -10,9 +10,10 @@ builds one decode mask, as long as layer 0's cache. Two layouts need more than t
 
       stages after layers (1, 3) put [2, 0] and [1, 0] in front  →  [[0,0], [0,0], [2,0], [2,0], [3,0], …]
 
-* **Padding slots** (adaptive vision-side stages): the prefill returns ``(source, valid)``; each
+* **Padding slots** (vision-side stages): the prefill returns ``(source, valid, positions)``; each
   decode step gets a 2-D mask of the compressed prompt plus its new tokens, and position ids that
-  continue the original prompt when transformers passes none.
+  continue the prompt's: the original prompt's, shifted by what re-packed positions saved
+  (:func:`position_shift`).
 """
 
 from __future__ import annotations
@@ -29,9 +30,22 @@ def empty_slots_per_layer(*sources: torch.Tensor, layers: tuple[int, ...], num_l
     return after @ counts
 
 
-def compressed_prompt_kwargs(kwargs: dict, prompt_len: int, keep: torch.Tensor, cached: int) -> dict:
-    """The 2-D mask (and, when absent, position ids) of a step on a cache holding ``cached`` entries,
-    the first ``keep.shape[1]`` of which are a compressed prompt (``keep``: ``False`` on padding)."""
+def position_shift(positions: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """``[B]``: how far the compressed prompt's last position id lies before the original prompt's.
+
+    ``positions [B, T']`` is the input index whose position id each token took; the last token's is
+    ``prompt_len − 1`` unless positions were re-packed, and position ids rise by one per input token
+    after the left padding, so the difference of indices is the difference of position ids.
+    """
+    return positions[:, -1] - (prompt_len - 1)
+
+
+def compressed_prompt_kwargs(kwargs: dict, prompt_len: int, keep: torch.Tensor, cached: int,
+                             shift: torch.Tensor | None = None) -> dict:
+    """The 2-D mask and position ids of a step on a cache holding ``cached`` entries, the first
+    ``keep.shape[1]`` of which are a compressed prompt (``keep``: ``False`` on padding). Position ids:
+    the given ones (or, when absent, those continuing the original prompt), plus ``shift [B]``
+    (:func:`position_shift`)."""
     ids = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
     q = ids.shape[1]
     new = cached - keep.shape[1]  # tokens generated after the prompt and already cached
@@ -51,4 +65,6 @@ def compressed_prompt_kwargs(kwargs: dict, prompt_len: int, keep: torch.Tensor, 
             out["position_ids"] = mask.long().cumsum(-1)[:, -q:] - 1
         else:
             out["position_ids"] = torch.arange(prompt_len + new, prompt_len + new + q, device=keep.device)[None]
+    if shift is not None:
+        out["position_ids"] = out["position_ids"] + shift[:, None]
     return out

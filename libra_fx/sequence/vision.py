@@ -1,21 +1,28 @@
 """Sequence plumbing of the vision-side methods (PruMerge, PruMerge+, fixed): called from the graph
 nodes that ``libra_fx/passes/insert_vision_stage.py`` and ``mask_padding_slots.py`` insert.
 
-The stage sits where the image features enter the language model (before decoder layer 0). Each
-image span of ``N`` tokens becomes ``C`` *slots* (``C`` = the method's static capacity): the kept
-patches, merged, in original order, then padding slots that no other token may attend to::
+Two nodes (contract §6). :func:`vision_merge` sits at the projector's input: it turns each image's
+``N`` tower features into ``C`` *slots* (``C`` = the method's static capacity, ``≤ N``): the merged
+kept patches in the option's order, the extra token, then padding; they are written to the first
+``C`` rows, so the projector and the ``masked_scatter`` run unchanged. :func:`vision_compress` sits
+where the projected features enter the language model (before decoder layer 0) and cuts each span
+down to its slots::
 
-    embeds [B,T,D] (features scattered in), span [B,T], CLS query/keys of the tower's last layer
-        → embeds' [B,T',D], span' [B,T'], source [B,T'], valid [B,T']     T' = T − k·N + k·C
+    x [S,N,Dv] (tower), CLS query/keys of its last layer  → x' [S,N,Dv] (slots first), ranks [S,C], valid [S,C]
+    embeds [B,T,D] (projected x' scattered in), span [B,T], ranks, valid
+        → embeds' [B,T',D], span' [B,T'], source [B,T'], valid [B,T'], positions [B,T']     T' = T − k·N + k·C
 
-``source`` is the input index whose position id (and RoPE, mask row/column) each token takes: itself
-for text, the patch for a kept patch, the span's last token for padding. ``valid`` is ``False``
-on padding slots only.
+``source`` is the input index whose mask row and column each token takes: itself for text, the
+``c``-th token of its span for slot ``c`` (so the mask stays causal in the compressed order).
+``positions`` is the input index whose position id and RoPE it takes: the same for text, and with
+``positions="original"`` the kept patch's own (the span's last for the extra token and padding);
+with ``"repacked"`` the token's rank among the non-padding tokens, so the compressed sequence is
+numbered afresh. ``valid`` is ``False`` on padding slots only.
 
 Generation: decode steps attend to the prefill's KV cache, which holds the padding slots, but
 transformers builds decode masks from the *uncompressed* 2-D ``attention_mask``. The compiled
-prefill therefore also returns ``(source, valid)``, from which :mod:`libra_fx.state` builds every
-later step's mask (:func:`libra_fx.sequence.decode.compressed_prompt_kwargs`).
+prefill therefore also returns ``(source, valid, positions)``, from which :mod:`libra_fx.state`
+builds every later step's mask and position ids (:func:`libra_fx.sequence.decode.compressed_prompt_kwargs`).
 """
 
 from __future__ import annotations
@@ -28,26 +35,58 @@ from libra_fx.methods.selectors import gather_rows
 from libra_fx.sequence.splice import splice
 
 
-def vision_compress(
-    hidden: torch.Tensor,
-    span: torch.Tensor,
+def vision_merge(
+    features: torch.Tensor,
     query: torch.Tensor,
     key: torch.Tensor,
-    scale: float | None,
     *,
-    span_len: int,
-    spans_per_sample: int,
     method: str,
     ratio: float,
     slots: int,
+    options: tuple = (),
     neighbours: int = prumerge.NEIGHBOURS,
     record: bool = False,
 ) -> tuple[torch.Tensor, ...]:
-    """The PruMerge stage → ``(hidden', span', source, valid)`` (see the module docstring).
+    """The merge at the projector's input → ``(x', ranks, valid)`` (see the module docstring).
 
-    ``query``/``key``: ``[B·k, H, 1+N, d]``, the last vision layer's attention inputs, image ``i``
-    being span ``i % k`` of sample ``i // k``. ``record=True`` (eager runs only) adds a fifth
-    output: the kept patches and each patch's label (kept-token maps).
+    ``features``: ``[S, N, Dv]``, the tower's features of ``S`` images; ``query``/``key``:
+    ``[S, H, 1+N, d]``, the attention inputs of its last layer. ``options``: the method's as
+    ``((name, value), …)``. ``record=True`` (eager runs only) adds a fourth output: the kept patches
+    and each patch's label (kept-token maps).
+    """
+    m = get_method(method)
+    opts = m.options(**dict(options))
+    n = features.shape[1]
+    a = prumerge.cls_importance(query, key)
+    keys = prumerge.patch_keys(key)
+    kept = m.select(a, ratio)
+    sampled = m.samples(kept)
+    ranks, is_kept, valid = prumerge.kept_slots(kept, sampled, a, slots, opts.order)
+    merged = prumerge.merged_slots(features, keys, a, kept | sampled, ranks, is_kept, valid, neighbours)
+    padded = torch.cat([merged, merged.new_zeros(merged.shape[0], n - slots, merged.shape[2])], 1).to(features.dtype)
+    if not record:
+        return padded, ranks, valid
+    kept_map = dict(targets=[r[v] for r, v in zip(ranks, is_kept)], kept=is_kept.sum(-1),
+                    labels=prumerge.merge_labels(keys, ranks, is_kept, neighbours))
+    return padded, ranks, valid, [kept_map]
+
+
+def vision_compress(
+    hidden: torch.Tensor,
+    span: torch.Tensor,
+    ranks: torch.Tensor,
+    valid: torch.Tensor,
+    *,
+    span_len: int,
+    spans_per_sample: int,
+    slots: int,
+    positions: str = "original",
+) -> tuple[torch.Tensor, ...]:
+    """The splice → ``(hidden', span', source, valid, positions)`` (see the module docstring).
+
+    ``hidden``: the embeddings with the projected slots scattered in (each span's first ``slots``
+    tokens); ``ranks``/``valid``: :func:`vision_merge`'s, image ``i`` being span ``i % k`` of sample
+    ``i // k``.
     """
     b, t, d = hidden.shape
     k, n = spans_per_sample, span_len
@@ -58,25 +97,20 @@ def vision_compress(
         "libra_fx: a sample does not hold the visual-token spans the graph was compiled for "
         f"({k} contiguous span(s) of {n} tokens)",
     )
-    features = gather_rows(hidden, where).reshape(b * k, n, d)
-    a = prumerge.cls_importance(query, key, scale)
-    keys = prumerge.patch_keys(key)
-    kept = get_method(method).select(a, ratio)
-    ranks, ok = prumerge.kept_slots(kept, slots)
-    merged = prumerge.knn_merge(features, keys, a, ranks, neighbours)
-    merged = torch.where(ok[..., None], merged, 0.0).to(hidden.dtype)  # padding slots hold zeros
-
-    at = spans.gather(1, ranks)  # input index each slot takes its position from
-    at = torch.where(ok, at, spans[:, -1:]).reshape(b, k * slots)
-    used = ok.reshape(b, k * slots)
-    new_hidden, (is_merged, valid), source = splice(
-        hidden, span, merged.reshape(b, k * slots, d), 2 * at + (~used).long(), at, [(False, used), (True, used)],
-        t - k * n + k * slots)
-    if not record:
-        return new_hidden, is_merged, source, valid
-    kept_map = dict(targets=[r[v] for r, v in zip(ranks, ok)], labels=prumerge.merge_labels(keys, ranks, ok, neighbours),
-                  spans=k, kept=ok.sum(-1))
-    return new_hidden, is_merged, source, valid, [kept_map]
+    slot_rows = spans[:, :slots]
+    features = gather_rows(hidden, slot_rows.reshape(b, k * slots))
+    features = torch.where(valid.reshape(b, k * slots, 1), features, 0.0).to(hidden.dtype)  # padding holds zeros
+    at = slot_rows.reshape(b, k * slots)
+    used = valid.reshape(b, k * slots)
+    new_hidden, (is_merged, ok), source = splice(hidden, span, features, 2 * at, at, [(False, used), (True, used)],
+                                                 t - k * n + k * slots)
+    if positions == "repacked":
+        return new_hidden, is_merged, source, ok, (ok.long().cumsum(-1) - 1).clamp_min(0)
+    if positions != "original":
+        raise ValueError(f"positions must be 'original' or 'repacked', got {positions!r}")
+    patch = spans.gather(1, ranks).reshape(b, k * slots)  # a kept patch's own index; the span's last otherwise
+    table = torch.arange(t, device=hidden.device).expand(b, t).scatter(1, at, patch)
+    return new_hidden, is_merged, source, ok, table.gather(1, source)
 
 
 def mask_padding_slots(mask: torch.Tensor | None, valid: torch.Tensor, additive: bool = False) -> torch.Tensor:

@@ -46,8 +46,8 @@ def test_other_rewrites_pass(request, graph, config):
 
 def test_vision_stage_passes(llava_graph):
     ctx, result = checked(llava_graph, method="prumerge", serves_decode=True)
-    assert fx_utils.value(ctx.stages[0].new_len) == SEQ - 36 + 9
-    assert "lengths after stages: layer -1: 24" in result.matched[0]
+    assert fx_utils.value(ctx.stages[0].new_len) == SEQ - 36 + 10  # 9 IQR slots + the extra token
+    assert "lengths after stages: layer -1: 25" in result.matched[0]
 
 
 def test_the_captured_graph_keeps_its_fake_values(llava_graph):

@@ -1,6 +1,7 @@
-"""insert_vision_stage (PruMerge): one ``vision_compress`` node right after the features enter the
-embeddings, fed by the [CLS] attention of the vision tower's last layer; its stage (layer -1) is
-prepended, and ``source``/``valid`` become side outputs."""
+"""insert_vision_stage (PruMerge): one ``vision_merge`` node at the projector's input, fed by the
+[CLS] attention of the vision tower's last layer, and one ``vision_compress`` node right after the
+features enter the embeddings; its stage (layer -1) is prepended, and ``source``/``valid``/``positions``
+become side outputs."""
 
 import dataclasses
 import operator
@@ -10,11 +11,11 @@ import torch
 from passkit import in_module, inserted, inserted_counts, make_ctx, position, run_until
 
 from libra_fx.errors import UnsupportedGraph
-from libra_fx.families import LLAVA_NEXT, QWEN2_VL
+from libra_fx.families import LLAVA, LLAVA_NEXT, QWEN2_VL
 from libra_fx.passes import fx_utils, insert_vision_stage
 from libra_fx.passes.matchers import AttentionKind
 from libra_fx.sequence.splice import visual_span_mask
-from libra_fx.sequence.vision import vision_compress
+from libra_fx.sequence.vision import vision_compress, vision_merge
 
 SYM_SIZE = torch.ops.aten.sym_size.int
 
@@ -29,7 +30,9 @@ def vision_stage(gm, method="prumerge", **config):
 
 def test_prumerge_stage_prepended(llava_graph):
     ctx, result = vision_stage(llava_graph)
-    assert inserted_counts(ctx.gm) == {visual_span_mask: 1, vision_compress: 1, operator.getitem: 4, SYM_SIZE: 1}
+    assert inserted_counts(ctx.gm) == {vision_merge: 1, visual_span_mask: 1, vision_compress: 1, operator.getitem: 8,
+                                       SYM_SIZE: 1}
+    (merge,) = inserted(ctx.gm, vision_merge)
     (node,) = inserted(ctx.gm, vision_compress)
     (span,) = inserted(ctx.gm, visual_span_mask)
     visual = ctx.scatters[0]
@@ -37,33 +40,50 @@ def test_prumerge_stage_prepended(llava_graph):
     site = stage.attention
     assert stage.layer == -1 and stage.layer_output is visual and stage.layer_nodes == []
     assert stage.span_lens == ((36,),)
-    assert node.args == (visual, span, site.query, site.key, site.scale)
-    assert node.kwargs == dict(span_len=36, spans_per_sample=1, method="prumerge", ratio=0.5, slots=9)
+    # the merge reads the projector's input, [CLS] dropped: [images, patches, tower width]
+    features = merge.args[0]
+    assert merge.args[1:] == (site.query, site.key) and tuple(fx_utils.value(features).shape) == (2, 36, 32)
+    options = (("order", "spatial"), ("positions", "original"))
+    assert merge.kwargs == dict(method="prumerge", ratio=0.5, slots=10, options=options)  # 9 IQR + the extra token
+    slots, ranks, valid = [next(u for u in merge.users if u.args == (merge, i)) for i in range(3)]
+    assert [in_module(u, "multi_modal_projector.") for u in slots.users] == [True]
+    assert not any(in_module(u, "multi_modal_projector.") for u in features.users)
+    assert node.args == (visual, span, ranks, valid)
+    assert node.kwargs == dict(span_len=36, spans_per_sample=1, slots=10, positions="original")
     assert span.args == (ctx.visual_mask,)
-    outs = [stage.hidden, stage.span, stage.source, ctx.side_outputs["valid"]]
-    assert [(o.target, o.args) for o in outs] == [(operator.getitem, (node, i)) for i in range(4)]
+    outs = [stage.hidden, stage.span, stage.source, ctx.side_outputs["valid"], stage.positions]
+    assert [(o.target, o.args) for o in outs] == [(operator.getitem, (node, i)) for i in range(5)]
     assert stage.new_len.target is SYM_SIZE and stage.new_len.args == (stage.hidden, 1)
-    assert ctx.side_outputs == {"source": stage.source, "valid": outs[3]}
+    assert ctx.side_outputs == {"source": stage.source, "valid": outs[3], "positions": outs[4]}
     # the [CLS] query and keys of the tower's last encoder layer (of 2), bidirectional SDPA
     assert site.kind is AttentionKind.SDPA and site.mask is None
     assert in_module(site.node, "vision_tower.encoder.layers.1.")
     assert tuple(fx_utils.value(site.query).shape) == (2, 2, 1 + 36, 16)
-    # right after the features enter, before decoder layer 0
+    # the merge before the projector, the splice right after the features enter, before decoder layer 0
     at = position(ctx.gm)
-    assert at[visual] < at[span] < at[node] < at[stage.new_len] < min(at[n] for n in ctx.decoder[0])
+    assert at[site.node] < at[merge] < at[visual] < at[span] < at[node] < at[stage.new_len] < min(
+        at[n] for n in ctx.decoder[0])
     assert result.matched == [
         f"vision tower 'model.vision_tower.encoder': [CLS] attention of layer 1 (sdpa {site.node.name})",
-        "before decoder layer 0: prumerge 36 → at most 9 tokens per image",
+        f"projector input {features.name}: merged into 10 slots per image (order=spatial, positions=original)",
+        "before decoder layer 0: prumerge 36 → at most 10 tokens per image",
     ]
 
 
 def test_record_adds_records0(llava_graph):
     ctx, _ = vision_stage(llava_graph, record=True)
-    (node,) = inserted(ctx.gm, vision_compress)
-    assert node.kwargs["record"] is True
-    assert list(ctx.side_outputs) == ["source", "valid", "records0"]
-    assert ctx.side_outputs["records0"].args == (node, 4)
-    assert inserted_counts(ctx.gm)[operator.getitem] == 5
+    (merge,) = inserted(ctx.gm, vision_merge)
+    assert merge.kwargs["record"] is True
+    assert list(ctx.side_outputs) == ["source", "valid", "positions", "records0"]
+    assert ctx.side_outputs["records0"].args == (merge, 3)
+    assert inserted_counts(ctx.gm)[operator.getitem] == 9
+
+
+def test_projector_input_is_found_by_the_adapters_name(llava_graph):
+    ctx = make_ctx(llava_graph, method="prumerge", family=dataclasses.replace(LLAVA, projector="mm_projector"))
+    run_until(ctx, "insert_vision_stage")
+    with pytest.raises(UnsupportedGraph, match=r"'mm_projector' module .* takes 0 \[2, 36, D\] inputs"):
+        insert_vision_stage.run(ctx)
 
 
 def test_two_images_per_prompt(llava_two_images):

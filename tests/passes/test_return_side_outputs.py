@@ -12,13 +12,13 @@ def returned(gm, **config):
     return run_alone(gm, "return_side_outputs", output_values, **config)
 
 
-def test_vision_stage_returns_source_and_valid(llava_graph):
+def test_vision_stage_returns_source_valid_and_positions(llava_graph):
     ctx, result, old = returned(llava_graph, method="prumerge", serves_decode=True)
     new = output_values(ctx.gm)
     assert new[:len(old)] == old
-    assert new[len(old):] == (ctx.side_outputs["source"], ctx.side_outputs["valid"])
-    assert ctx.gm.meta[SIDE_OUTPUTS] == ("source", "valid")
-    assert result.matched == ["returned: source, valid"] and not result.skipped
+    assert new[len(old):] == tuple(ctx.side_outputs[n] for n in ("source", "valid", "positions"))
+    assert ctx.gm.meta[SIDE_OUTPUTS] == ("source", "valid", "positions")
+    assert result.matched == ["returned: source, valid, positions"] and not result.skipped
     ctx.gm.graph.lint()
 
 
