@@ -79,7 +79,7 @@ def compile(model, ratio=0.5, layers=(7, 15, 23), method="libra", tau=None, eta=
         check_cache(kv_cache(kwargs))
         if vision_side:
             kwargs = without_return_dict(kwargs)
-        kwargs = be.state.before_call(family.prepare_forward(model, kwargs))
+        kwargs = be.state.before_call(family.prepare_forward(model, kwargs), family.refused_inputs(kwargs))
         static_batch(args, kwargs)
         with torch._dynamo.config.patch(capture_scalar_outputs=True,  # no break at feature-count checks
                                         recompile_limit=max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)):

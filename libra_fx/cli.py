@@ -3,6 +3,7 @@
     libra-fx flops --preset llava-1.5-7b --method libra --ratio 0.5
     libra-fx diff --model tiny-llava --method libra --ratio 0.5 [--out diff.html]
     libra-fx show --model tiny-llava --method libra --ratio 0.5 --out map.png
+    libra-fx families [--markdown] [--only glm4v internvl] [--no-verify]
 """
 
 from __future__ import annotations
@@ -40,8 +41,15 @@ def main(argv: list[str] | None = None) -> None:
         sub.add_argument("--ratio", type=float, default=0.5)
         sub.add_argument("--layers", type=_layers, default=(1, 2), help="stage layers, e.g. 1,2")
         sub.add_argument("--out", help="write here (diff: .html for the page, else text; show: the PNG)")
+    table = commands.add_parser("families", help="every image-text-to-text class of the installed transformers: "
+                                "verified on tiny models against the oracle, refused (why), or not built (why)")
+    table.add_argument("--markdown", action="store_true", help="print the README's table")
+    table.add_argument("--only", nargs="+", default=(), metavar="MODEL_TYPE", help="these model types only")
+    table.add_argument("--no-verify", action="store_true", help="list without running the checks (fast)")
     args = parser.parse_args(argv)
-    if args.command == "flops":
+    if args.command == "families":
+        _families(args)
+    elif args.command == "flops":
         shape = flops.preset(args.preset, args.visual_tokens)
         print(flops.report(shape, args.method, args.ratio, args.layers, compensation=not args.no_compensation,
                            kept=args.kept))
@@ -83,6 +91,25 @@ def _show(args) -> None:
     if args.method in VISION_METHODS:
         print(f"{args.method}: kept {int(tmap.targets[0].sum())} of {tmap.grid ** 2} patches")
     print(f"wrote {out}")
+
+
+def _families(args) -> None:
+    import logging
+
+    import torch
+
+    from libra_fx.conformance import table
+
+    torch._logging.set_logs(dynamo=logging.ERROR)
+
+    def report(row, result):
+        if not args.markdown:
+            print(f"{row.model_type}: {row.status} ({len(result.checks)} checks, {result.seconds:.0f} s)", flush=True)
+            for check in result.checks:
+                print(f"    {'ok  ' if check.passed else 'FAIL'} {check.name}: {check.detail}", flush=True)
+
+    rows = table.rows(verify=not args.no_verify, only=tuple(args.only), report=report)
+    print(table.markdown(rows) if args.markdown else table.text(rows), end="")
 
 
 def _write(path: str | None, text: str) -> None:

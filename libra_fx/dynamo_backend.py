@@ -11,6 +11,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 
+import torch
 import torch.fx as fx
 from torch._logging import trace_structured
 
@@ -78,9 +79,10 @@ class LibraBackend:
     def reconfigure(self, config: CompressionConfig, strict: bool, compiler: str) -> None:
         """New settings for every graph this backend compiled: each is rewritten and compiled again on
         its next call, from the graph Dynamo captured (no new trace, so sweeps do not recompile)."""
-        if compiler not in COMPILERS:
-            raise ValueError(f"compiler must be one of {COMPILERS}, got {compiler!r}")
-        self.config, self.strict, self.compiler = config, strict, compiler
+        if compiler != self.compiler:
+            raise ValueError(f"libra_fx: these graphs were compiled with compiler={self.compiler!r}; a new compiler "
+                             "needs a fresh model (or torch._dynamo.reset() and a new torch.compile)")
+        self.config, self.strict = config, strict
         self.generation += 1
 
     def rewrite(self, gm: fx.GraphModule) -> CompileRecord:
@@ -89,6 +91,8 @@ class LibraBackend:
             return CompileRecord(False, "ratio=0 or layers=(): nothing to do")
         if self.state.refused is not None:
             return CompileRecord(False, self.state.refused, before=gm)
+        if self.state.call_refused is not None:
+            return self._fall_back(self.state.call_refused, gm)
         ctx = RewriteContext(fx_utils.clone(gm), self.config, family=self.state.family,
                              serves_decode=self.state.serves_decode, record=self.record)
         try:
@@ -96,11 +100,7 @@ class LibraBackend:
         except NothingToCompress as e:
             return CompileRecord(False, str(e), before=gm)
         except UnsupportedGraph as e:
-            message = f"libra_fx: compiling this graph uncompressed: {e}"
-            if self.strict:
-                raise UnsupportedGraph(message) from e
-            warnings.warn(message, LibraFallbackWarning, stacklevel=2)
-            return CompileRecord(False, str(e), before=gm)
+            return self._fall_back(str(e), gm)
         record = CompileRecord(True, "", passes, before=gm, after=ctx.gm)
         trace_structured(
             "artifact",
@@ -108,6 +108,14 @@ class LibraBackend:
             payload_fn=lambda: diff(record).text(),
         )
         return record
+
+    def _fall_back(self, reason: str, gm: fx.GraphModule) -> CompileRecord:
+        """The graph stays as it is, with a warning (``strict``: ``UnsupportedGraph``)."""
+        message = f"libra_fx: compiling this graph uncompressed: {reason}"
+        if self.strict:
+            raise UnsupportedGraph(message)
+        warnings.warn(message, LibraFallbackWarning, stacklevel=3)
+        return CompileRecord(False, reason, before=gm)
 
     def _compile(self, gm: fx.GraphModule, example_inputs):
         if self.compiler == "eager":
@@ -126,21 +134,23 @@ class _Compiled:
 
     def __init__(self, backend: LibraBackend, gm: fx.GraphModule, example_inputs):
         self.backend, self.gm, self.example_inputs = backend, gm, example_inputs
+        self.tracing = torch._guards.TracingContext.try_get()  # Dynamo's (fake mode, shape env) of this graph
         self._build()
 
     def _build(self) -> None:
         be = self.backend
-        record = be.rewrite(self.gm)
-        be.records = be.records[-31:] + [record]
-        self.fn = be._compile(record.after if record.compressed else self.gm, self.example_inputs)
-        self.boxed = getattr(self.fn, "_boxed_call", False)
+        with torch._guards.tracing(self.tracing):
+            record = be.rewrite(self.gm)
+            be.records = be.records[-31:] + [record]
+            self.fn = be._compile(record.after if record.compressed else self.gm, self.example_inputs)
+        self._boxed_call = getattr(self.fn, "_boxed_call", False)  # Dynamo's calling convention (one compiler)
         self.side_outputs = record.after.meta.get(SIDE_OUTPUTS, ()) if record.compressed else ()
         self.compressed, self.generation = record.compressed, be.generation
 
     def __call__(self, *args):
         if self.generation != self.backend.generation:
             self._build()
-        out = self.fn(list(args)) if self.boxed else self.fn(*args)
+        out = self.fn(*args)
         self.backend.state.graphs_run.append(self.compressed)
         extra = len(self.side_outputs)
         if not extra:

@@ -16,3 +16,13 @@ def returned_cache(output):
     """The KV cache a forward returned, under either name."""
     cache = getattr(output, "cache", None)
     return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
+def past_window(cache, new_tokens: int) -> int | None:
+    """The window of a sliding-window layer of ``cache`` that this step's last query position reaches
+    or passes (``None`` when there is none). Such a layer keeps its last ``window − 1`` entries by
+    count, and after compression its entries are no longer its last positions."""
+    layers = getattr(cache, "layers", ())
+    last = cache.get_seq_length() + new_tokens - 1
+    windows = [w for w in (getattr(layer, "sliding_window", None) for layer in layers) if w and last >= w]
+    return min(windows) if windows else None

@@ -19,13 +19,14 @@ from dataclasses import dataclass
 import torch
 
 from libra_fx.errors import LibraFallbackWarning, UnsupportedGraph
-from libra_fx.hf_compat import kv_cache, returned_cache
+from libra_fx.hf_compat import kv_cache, past_window, returned_cache
 from libra_fx.sequence.decode import compressed_prompt_kwargs, position_shift
 
 
 @dataclass
 class DecodeLayout:
-    """What steps on one compressed cache need (each part ``None`` when the prefill had none)."""
+    """What steps on one compressed cache need (each part ``None`` when the prefill had none); one is
+    kept for every cache a compressed prefill returned."""
 
     empty_slots: torch.Tensor | None = None  # [num_layers, B] empty slots in front, per layer
     prompt_len: int | None = None  # the uncompressed prompt's length (vision-side stages)
@@ -44,13 +45,17 @@ class ModelState:
         self.side_outputs: dict[str, object] | None = None  # of the newest compressed run
         self._layouts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache → DecodeLayout
         self.graphs_run: list[bool] = []  # this call's compiled graphs: whether each was compressed
+        self.call_refused: str | None = None  # why this call's inputs are not compressed
         self.warned_uncompressed = False
 
-    def before_call(self, kwargs: dict) -> dict:
-        """Forget the last side outputs; complete the kwargs of a step on a compressed cache."""
-        self.side_outputs, self.graphs_run = None, []
+    def before_call(self, kwargs: dict, refused: str | None = None) -> dict:
+        """Forget the last side outputs; complete the kwargs of a step on a compressed cache.
+        ``refused``: why this call's inputs are not compressed (graphs compiled for it are left as they are)."""
+        self.side_outputs, self.graphs_run, self.call_refused = None, [], refused
         cache = kv_cache(kwargs)
         layout = self._layouts.get(cache) if cache is not None else None
+        if layout is not None and cache.get_seq_length() > 0:
+            self._check_window(cache, kwargs)
         if layout is None or cache.get_seq_length() == 0:
             return kwargs
         if layout.keep is not None:
@@ -64,7 +69,7 @@ class ModelState:
         """Keep the layout of the cache a compressed prefill returned."""
         self._check_compressed(kwargs)
         side, cache = self.side_outputs or {}, returned_cache(out)
-        if cache is None or not ({"empty_slots", "valid"} & set(side)):
+        if cache is None or not any(self.graphs_run):
             return
         layout = DecodeLayout()
         if "empty_slots" in side:
@@ -78,12 +83,23 @@ class ModelState:
             layout.shift = position_shift(side["positions"], layout.prompt_len)
         self._layouts[cache] = layout
 
+    @staticmethod
+    def _check_window(cache, kwargs: dict) -> None:
+        """Decode past a sliding window on a compressed cache is not exact yet (contract §5): refuse it."""
+        ids = kwargs.get("input_ids")
+        window = past_window(cache, ids.shape[1] if ids is not None else kwargs["inputs_embeds"].shape[1])
+        if window is not None:
+            raise UnsupportedGraph(
+                f"libra_fx: this decode step reaches position {cache.get_seq_length()} of a compressed cache whose "
+                f"sliding-window layers (window {window}) count the window in original positions; decoding past the "
+                "window is not supported yet. Keep prompt + new tokens within the window, or compress fewer layers")
+
     def _check_compressed(self, kwargs: dict) -> None:
         """Warn (once per model) when a prefill with images ran, but no compressed graph did: Dynamo
         skipped the frame or hit its recompile limit, or no graph with visual tokens reached the decoder."""
         cache = kv_cache(kwargs)
         images = any(v is not None for k, v in kwargs.items() if k.startswith(("pixel_values", "mm_encoder_outputs")))
-        if (self.refused is not None or not images or any(self.graphs_run) or self.warned_uncompressed
+        if (self.refused is not None or self.call_refused is not None or not images or any(self.graphs_run) or self.warned_uncompressed
                 or cache is not None and cache.get_seq_length() > 0):
             return
         if not self.graphs_run:

@@ -13,7 +13,7 @@ import libra_fx
 from libra_fx import families
 from libra_fx.state import ModelState
 from libra_fx.testing import tiny_llava, tiny_llava_inputs
-from families import FAMILIES, build, make_inputs, ragged_llava_next, tiny_gemma3
+from families import build, ragged_llava_next, tiny_gemma3
 
 NO_TOKEN_REMOVED = dict(method="fastv", ratio=0.001, layers=(1,))  # round(N·0.999) = N for every span here
 
@@ -65,55 +65,10 @@ def test_a_family_whose_masks_are_not_causal_is_refused():
     assert not be.last.compressed
 
 
-@pytest.mark.parametrize("family", ["llava", *FAMILIES])
-def test_identity_a_ratio_that_removes_no_token_equals_the_plain_model(family):
-    """fastv keeping every token goes through every pass and node, and must change nothing, bit for bit:
-    the bare backend's forward on a left-padded batch against the eager model, and generate() through
-    libra_fx.compile against the same model under a plain ``torch.compile`` (Dynamo's decode graphs
-    differ from eager transformers by ~1e-7 on their own, compression or not)."""
-    def fresh():
-        if family == "llava":
-            model = tiny_llava()
-            model.generation_config.eos_token_id = None
-            return model, tiny_llava_inputs(model, batch=2, pad=(0, 2))
-        model = build(family)
-        return model, make_inputs(family, model, batch=2, pad=(0, 2))
-
-    def generate(model, inputs):
-        with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=3, do_sample=False, output_logits=True,
-                                 return_dict_in_generate=True)
-        return out.sequences, torch.stack(out.logits, 1)
-
-    model, inputs = fresh()
-    with torch.no_grad():
-        want = model(**inputs).logits
-    if family in ("llava", "llava_next"):  # (Qwen's bare forward falls back: see test_models.py)
-        torch._dynamo.reset()
-        be = libra_fx.backend(compiler="eager", **NO_TOKEN_REMOVED)
-        with torch.no_grad():
-            got = torch.compile(model.forward, backend=be, fullgraph=family == "llava")(**inputs).logits
-        assert any(r.compressed for r in be.records), [r.reason for r in be.records]
-        assert torch.equal(got, want)
-
-    torch._dynamo.reset()
-    plain, inputs = fresh()
-    plain.forward = torch.compile(plain.forward, backend="eager")
-    want_tokens, want_logits = generate(plain, inputs)
-    torch._dynamo.reset()
-    model, inputs = fresh()
-    compiled = libra_fx.compile(model, compiler="eager", **NO_TOKEN_REMOVED)
-    with torch.no_grad():
-        assert torch.equal(compiled(**inputs).logits, want)
-    assert any(r.compressed for r in compiled.libra_backend.records)
-    tokens, logits = generate(compiled, inputs)
-    assert torch.equal(tokens, want_tokens) and torch.equal(logits, want_logits)
-
-
-@pytest.mark.parametrize("model_class", ["LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
-                                         "Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"])
-def test_every_supported_class_has_one_adapter(model_class):
-    assert sum(model_class in f.classes for f in families.FAMILIES) == 1
+def test_every_supported_class_has_one_adapter():
+    """(The identity check of every family is part of its verification: tests/test_conformance.py.)"""
+    classes = [c for f in families.FAMILIES for c in f.classes]
+    assert len(classes) == len(set(classes)) and len(families.FAMILIES) >= 16
 
 
 # -------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ VOCAB, PAD, BOS, EOS, FIRST_SPECIAL = 128, 0, 1, 2, 100
 TEXT = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, max_window_layers=4,
             moe_intermediate_size=64, shared_expert_intermediate_size=64, num_experts=4, n_routed_experts=4,
-            num_experts_per_tok=2, first_k_dense_replace=1, sliding_window=16)
+            num_experts_per_tok=2, first_k_dense_replace=1, sliding_window=48)
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, depth=2, num_attention_heads=2, num_heads=2,
               embed_dim=32, projection_dim=32, out_hidden_size=64, image_size=32, patch_size=8)
 DERIVED = ("layer_types", "mlp_layer_types", "torch_dtype", "dtype", "_name_or_path", "architectures", "transformers_version")

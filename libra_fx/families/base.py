@@ -50,6 +50,13 @@ class FamilyAdapter:
     frames: int = 4
     tiles: int = 0
 
+    def refused_inputs(self, kwargs: dict) -> str | None:
+        """Why this call's inputs are not compressed (``None``: they are): a modality not in ``modalities``."""
+        if "video" not in self.modalities and kwargs.get("pixel_values_videos") is not None:
+            return (f"{self.name} videos are not compressed yet: their frames reach the graph as separate feature "
+                    "pieces, and the contract makes one span of a whole video (§1)")
+        return None
+
     def vision_inputs(self, model, batch: int, gen: torch.Generator, token: str = "image") -> dict:
         """Random vision inputs of ``batch`` samples, one image (``token="image"``; ``[B, 3, H, W]``, or
         ``[B, tiles, 3, H, W]``) or one video of ``frames`` frames each, at the tower's own image size."""

@@ -56,15 +56,14 @@ LLAVA_ONEVISION = AnyResAdapter(
 LLAVA_NEXT_VIDEO = AnyResAdapter(
     "LLaVA-NeXT-Video", ("LlavaNextVideoForConditionalGeneration", "LlavaNextVideoModel"),
     ("modeling_llava_next_video",),
-    span_notes="one span per image (as LLaVA-NeXT); one per video (all its pooled frames)",
-    model_types=("llava_next_video",), modalities=("image", "video"), tiny=_ANYRES,
+    span_notes="one span per image (as LLaVA-NeXT)",
+    model_types=("llava_next_video",), tiny=_ANYRES,
 )
 
 VIDEO_LLAVA = FamilyAdapter(
     "Video-LLaVA", ("VideoLlavaForConditionalGeneration", "VideoLlavaModel"), ("modeling_video_llava",),
-    span_notes="one span per image; one per video (all its frames, each with its [CLS] token)",
-    model_types=("video_llava",), modalities=("image", "video"), frames=8,
-    tiny=dict(vision_config=dict(image_size=16)),
+    span_notes="one span per image",
+    model_types=("video_llava",), frames=8,
 )
 
 VIPLLAVA = FamilyAdapter(

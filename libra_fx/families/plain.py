@@ -50,7 +50,8 @@ JANUS = FamilyAdapter(
     "Janus", ("JanusForConditionalGeneration", "JanusModel"), ("modeling_janus",),
     span_notes="one span per image (understanding path; image generation is not compressed)",
     model_types=("janus",),
-    tiny=dict(vq_config=dict(embed_dim=8, num_embeddings=64, latent_channels=32, base_channels=32,
+    tiny=dict(vision_config=dict(projection_dim=64),  # the aligner's output: the text width
+              vq_config=dict(embed_dim=8, num_embeddings=64, latent_channels=32, base_channels=32,
                              channel_multiplier=[1, 1], num_res_blocks=1, projection_dim=16, image_token_embed_dim=16)),
 )
 
@@ -61,7 +62,6 @@ FAST_VLM = FamilyAdapter(
 
 PERCEPTION_LM = FamilyAdapter(
     "PerceptionLM", ("PerceptionLMForConditionalGeneration", "PerceptionLMModel"), ("modeling_perception_lm",),
-    span_notes="one span per image (its tiles' pooled features); one per video", model_types=("perception_lm",),
-    modalities=("image", "video"), tiles=1, tiny=dict(vision_config=_clip_tower, vision_use_cls_token=True),
+    span_notes="one span per image (its tiles' pooled features)", model_types=("perception_lm",), tiles=1, tiny=dict(vision_config=_clip_tower, vision_use_cls_token=True),
     stand_in="timm PE tower replaced by a transformers CLIP tower (same [N, 1+T, C] layout)",
 )

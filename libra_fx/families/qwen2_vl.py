@@ -72,7 +72,7 @@ QWEN2_5_VL = MRopeAdapter(
     tiny=dict(text_config=_MROPE, vision_config=dict(out_hidden_size=64, patch_size=4, window_size=16,
                                                      fullatt_block_indexes=[1])))
 GLM4V = MRopeAdapter(
-    "GLM-4V", ("Glm4vForConditionalGeneration", "Glm4vModel"), ("modeling_glm4v",), **dict(_COMMON, modalities=("image",)),
+    "GLM-4V", ("Glm4vForConditionalGeneration", "Glm4vModel"), ("modeling_glm4v",), **dict(_COMMON, modalities=("image",), span_notes="one span per image"),
     model_types=("glm4v",), markers={t: (f"{t}_start_token_id", f"{t}_end_token_id") for t in ("image", "video")},
     tiny=dict(text_config=dict(rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
                                                 "rope_theta": 10000.0}),

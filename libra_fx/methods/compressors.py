@@ -78,7 +78,7 @@ def igm(
     nt = targets.shape[1]
     labels = igm_labels(hidden, targets, tau, merge_positives)
     scale = alpha.mean(-1, keepdim=True) if eta == "mean" else torch.full_like(alpha[:, :1], float(eta))
-    logits = alpha / scale
+    logits = alpha / scale.clamp_min(torch.finfo(alpha.dtype).tiny)  # mean(α) = 0: uniform weights (§4)
 
     in_group = labels[:, None, :] == torch.arange(nt, device=labels.device)[None, :, None]
     merged = _weighted_sum(hidden, logits, in_group)

@@ -1,0 +1,37 @@
+"""Why a transformers image-text-to-text class has no adapter: the reasons ``libra-fx families`` prints.
+
+Read by :mod:`libra_fx.conformance.table`; a class listed here runs uncompressed under
+``libra_fx.compile``, with a ``LibraFallbackWarning`` (``strict=True``: ``UnsupportedGraph``).
+"""
+
+from __future__ import annotations
+
+_BIDIRECTIONAL = "image tokens attend to each other in both directions (not a causal mask): issue #16"
+_MARKERS = "text marker tokens inside an image's placeholders (rows or tiles) split its span: issue #16"
+_DEEPSTACK = "DeepStack: visual features are added again inside early decoder layers: issue #16"
+_QFORMER = "a Q-Former's query tokens stand for the image: no adapter yet"
+_NOT_IMAGE_TEXT = "not an image-to-text decoder LM"
+
+REASONS: dict[str, str] = {
+    "gemma3": _BIDIRECTIONAL, "shieldgemma2": _BIDIRECTIONAL, "paligemma": "prefix-LM mask (image and prompt "
+    "bidirectional): issue #16", "gemma3n": _BIDIRECTIONAL, "gemma4": _BIDIRECTIONAL, "gemma4_unified": _BIDIRECTIONAL,
+    "mistral3": _MARKERS, "idefics2": _MARKERS, "idefics3": _MARKERS, "smolvlm": _MARKERS, "granite_docling": _MARKERS,
+    "lfm2_vl": _MARKERS + " (LFM2's convolution layers also mix tokens)", "lfm3_vl": _MARKERS,
+    "qwen3_vl": _DEEPSTACK, "qwen3_vl_moe": _DEEPSTACK, "qwen3_5": "gated delta-net (linear attention) layers "
+    "hold no KV cache to shorten: issue #16", "qwen3_5_moe": "gated delta-net layers: issue #16",
+    "llama4": "chunked attention and interleaved image tiles: issue #16",
+    "mllama": "cross-attention LM: images are keys of cross-attention layers, not tokens of the sequence",
+    "idefics": "cross-attention LM (gated cross-attention to the images)",
+    "blip-2": _QFORMER, "instructblip": _QFORMER, "instructblipvideo": _QFORMER,
+    "evolla": _NOT_IMAGE_TEXT + " (protein sequences, cross-attention)",
+    "pi0": _NOT_IMAGE_TEXT + " (a robot-action flow-matching expert)",
+    "diffusion_gemma": _NOT_IMAGE_TEXT + " (block diffusion, not causal decoding)",
+    "ovis2": "visual tokens are a probabilistic mix of a visual vocabulary embedded inside the forward; "
+             "no adapter yet",
+    "fuyu": "image patches are linear embeddings interleaved with newline tokens: no adapter yet",
+    "chameleon": "images are VQ tokens of the text vocabulary (no vision features to compress)",
+    "emu3": "images are VQ tokens of the text vocabulary (no vision features to compress)",
+    "kosmos-2": "image features are a prefix with a grounding vocabulary: no adapter yet",
+}
+NO_ADAPTER = "no adapter yet: runs uncompressed, with a LibraFallbackWarning"
+ENCODER_DECODER = "encoder-decoder: the image feeds an encoder, not the decoder's sequence"
