@@ -2,7 +2,7 @@
 
 ::
 
-    libra-fx families                 # verify every adapted family, check every refusal (~30 min on 2 cores)
+    libra-fx families                 # verify every adapted family, check every refusal (18 min on 2 cores)
     libra-fx families --markdown      # the README's table
     libra-fx families --only glm4v    # one family, with each check
 
