@@ -71,7 +71,8 @@ def compile(model, ratio=0.5, layers=(7, 15, 23), method="libra", tau=None, eta=
     be.config.check_layers(num_decoder_layers(model))
     use_libra_attention(model)
     family.install_shims(model)
-    compiled = torch.compile(model.forward, backend=be, fullgraph=fullgraph)
+    eager_forward = model.forward
+    compiled = torch.compile(eager_forward, backend=be, fullgraph=fullgraph)
     vision_side = is_vision_method(be.config.method)
 
     @functools.wraps(model.forward)
@@ -81,9 +82,14 @@ def compile(model, ratio=0.5, layers=(7, 15, 23), method="libra", tau=None, eta=
             kwargs = without_return_dict(kwargs)
         kwargs = be.state.before_call(family.prepare_forward(model, kwargs), family.refused_inputs(kwargs))
         static_batch(args, kwargs)
-        with torch._dynamo.config.patch(capture_scalar_outputs=True,  # no break at feature-count checks
-                                        recompile_limit=max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)):
-            out = compiled(*args, **kwargs)
+        try:
+            with torch._dynamo.config.patch(capture_scalar_outputs=True,  # no break at feature-count checks
+                                            recompile_limit=max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)):
+                out = compiled(*args, **kwargs)
+        except RuntimeError as error:
+            if "Runtime assertion failed" in str(error):
+                explain_failed_check(model, eager_forward, args, kwargs, error)
+            raise
         be.state.after_call(args, kwargs, out)
         return out
 
@@ -126,6 +132,22 @@ def static_batch(args: tuple, kwargs: dict) -> None:
             torch._dynamo.mark_static(value, 0)
     if args and isinstance(args[0], torch.Tensor):
         torch._dynamo.mark_static(args[0], 0)
+
+
+def explain_failed_check(model, forward, args: tuple, kwargs: dict, error: RuntimeError) -> None:
+    """A check inside the compiled graph failed with Dynamo's bare "Runtime assertion failed" (so do
+    transformers' feature-count checks, under ``capture_scalar_outputs``): run the forward eagerly,
+    without the family's shims, and raise the model's own error if it has one (``ValueError``)."""
+    base = getattr(model, "model", None)
+    shim = vars(base).pop("get_placeholder_mask", None) if base is not None else None
+    try:
+        with torch.no_grad():
+            forward(*args, **kwargs)
+    except ValueError as eager:
+        raise ValueError(f"libra_fx: {eager}") from error
+    finally:
+        if shim is not None:
+            base.get_placeholder_mask = shim
 
 
 def check_cache(cache) -> None:

@@ -180,3 +180,25 @@ def test_an_already_compiled_model_is_named_as_such():
     model = tiny_llava()
     with pytest.warns(libra_fx.LibraFallbackWarning, match=r"already wrapped by torch.compile \(LlavaForConditionalGeneration inside\); pass the original model"):
         libra_fx.compile(torch.compile(model), compiler="eager")
+
+
+@pytest.mark.parametrize("placeholders", [35, 37])
+@pytest.mark.parametrize("ratio", [0.0, 0.5])
+def test_a_placeholder_count_that_does_not_match_the_features_names_the_mismatch(placeholders, ratio):
+    """Inside the compiled graph transformers' feature-count check fails with Dynamo's bare "Runtime
+    assertion failed for expression u0 >= 1"; libra_fx.compile gives the model's own message."""
+    from libra_fx.testing import IMAGE_TOKEN_ID
+
+    model = tiny_llava()
+    inputs = tiny_llava_inputs(model)
+    ids = inputs["input_ids"]
+    first = int((ids[0] == IMAGE_TOKEN_ID).nonzero()[0, 0])
+    if placeholders < 36:
+        ids = ids.clone().index_fill_(1, torch.tensor([first]), 5)
+    else:
+        ids = torch.cat([ids[:, :first], torch.tensor([[IMAGE_TOKEN_ID]]), ids[:, first:]], dim=1)
+    torch._dynamo.reset()
+    compiled = libra_fx.compile(model, compiler="eager", ratio=ratio, layers=(1,))
+    with pytest.raises(ValueError, match=f"libra_fx: Image features and image tokens do not match, tokens: {placeholders}"):
+        with torch.no_grad():
+            compiled(input_ids=ids, pixel_values=inputs["pixel_values"])
