@@ -24,7 +24,7 @@ from transformers import DynamicCache
 from libra_fx import families
 from libra_fx.config import CompressionConfig
 from libra_fx.dynamo_backend import LibraBackend
-from libra_fx.hf_compat import kv_cache
+from libra_fx.hf_compat import kv_cache, prompt_tokens
 from libra_fx.methods import is_vision_method
 from libra_fx.sequence.attention import use_libra_attention
 from libra_fx.state import ModelState
@@ -123,15 +123,12 @@ def static_batch(args: tuple, kwargs: dict) -> None:
     """Keep the batch size out of Dynamo's automatic dynamic shapes: after a B=1 call, a B=2 call
     would otherwise make every per-sample count (images, features) symbolic, and the passes could
     no longer tell how the features split into images. Each batch size gets its own graph."""
-    ids = kwargs.get("input_ids", args[0] if args else None)
-    ids = ids if ids is not None else kwargs.get("inputs_embeds")
+    ids = prompt_tokens(args, kwargs)
     if ids is None:
         return
-    for value in kwargs.values():
+    for value in (*args[:1], *kwargs.values()):
         if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == ids.shape[0]:
             torch._dynamo.mark_static(value, 0)
-    if args and isinstance(args[0], torch.Tensor):
-        torch._dynamo.mark_static(args[0], 0)
 
 
 def explain_failed_check(model, forward, args: tuple, kwargs: dict, error: RuntimeError) -> None:

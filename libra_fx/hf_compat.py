@@ -18,6 +18,13 @@ def returned_cache(output):
     return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
+def prompt_tokens(args: tuple, kwargs: dict):
+    """The forward's ``[B, T, …]`` token input: ``input_ids`` (by name or first positional), else
+    ``inputs_embeds`` (``None`` when there is neither)."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    return ids if ids is not None else kwargs.get("inputs_embeds")
+
+
 def past_window(cache, new_tokens: int) -> int | None:
     """The window of a sliding-window layer of ``cache`` that this step's last query position reaches
     or passes (``None`` when there is none). Such a layer keeps its last ``window − 1`` entries by

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from libra_fx.errors import LibraFallbackWarning, UnsupportedGraph
-from libra_fx.hf_compat import kv_cache, past_window, returned_cache
+from libra_fx.hf_compat import kv_cache, past_window, prompt_tokens, returned_cache
 from libra_fx.sequence.decode import compressed_prompt_kwargs, position_shift
 
 
@@ -78,16 +78,14 @@ class ModelState:
             mask = kwargs.get("attention_mask")
             valid, source = side["valid"], side["source"]
             layout.keep = valid if mask is None else valid & mask.bool().gather(1, source)
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            layout.prompt_len = (ids if ids is not None else kwargs["inputs_embeds"]).shape[1]
+            layout.prompt_len = prompt_tokens(args, kwargs).shape[1]
             layout.shift = position_shift(side["positions"], layout.prompt_len)
         self._layouts[cache] = layout
 
     @staticmethod
     def _check_window(cache, kwargs: dict) -> None:
         """Decode past a sliding window on a compressed cache is not exact yet (contract §5): refuse it."""
-        ids = kwargs.get("input_ids")
-        window = past_window(cache, ids.shape[1] if ids is not None else kwargs["inputs_embeds"].shape[1])
+        window = past_window(cache, prompt_tokens((), kwargs).shape[1])
         if window is not None:
             raise UnsupportedGraph(
                 f"libra_fx: this decode step reaches position {cache.get_seq_length()} of a compressed cache whose "
@@ -99,8 +97,8 @@ class ModelState:
         skipped the frame or hit its recompile limit, or no graph with visual tokens reached the decoder."""
         cache = kv_cache(kwargs)
         images = any(v is not None for k, v in kwargs.items() if k.startswith(("pixel_values", "mm_encoder_outputs")))
-        if (self.refused is not None or self.call_refused is not None or not images or any(self.graphs_run) or self.warned_uncompressed
-                or cache is not None and cache.get_seq_length() > 0):
+        if (self.refused is not None or self.call_refused is not None or not images or any(self.graphs_run)
+                or self.warned_uncompressed or cache is not None and cache.get_seq_length() > 0):
             return
         if not self.graphs_run:
             why = ("Dynamo ran the forward without calling the libra backend: it skips this frame, or the forward hit "
