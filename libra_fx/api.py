@@ -88,7 +88,7 @@ def compile(model, ratio=0.5, layers=(7, 15, 23), method="libra", tau=None, eta=
                 out = compiled(*args, **kwargs)
         except RuntimeError as error:
             if "Runtime assertion failed" in str(error):
-                explain_failed_check(model, eager_forward, args, kwargs, error)
+                explain_failed_check(family, model, eager_forward, args, kwargs, error)
             raise
         be.state.after_call(args, kwargs, out)
         return out
@@ -131,20 +131,15 @@ def static_batch(args: tuple, kwargs: dict) -> None:
             torch._dynamo.mark_static(value, 0)
 
 
-def explain_failed_check(model, forward, args: tuple, kwargs: dict, error: RuntimeError) -> None:
+def explain_failed_check(family, model, forward, args: tuple, kwargs: dict, error: RuntimeError) -> None:
     """A check inside the compiled graph failed with Dynamo's bare "Runtime assertion failed" (so do
     transformers' feature-count checks, under ``capture_scalar_outputs``): run the forward eagerly,
     without the family's shims, and raise the model's own error if it has one (``ValueError``)."""
-    base = getattr(model, "model", None)
-    shim = vars(base).pop("get_placeholder_mask", None) if base is not None else None
     try:
-        with torch.no_grad():
+        with torch.no_grad(), family.without_shims(model):
             forward(*args, **kwargs)
     except ValueError as eager:
         raise ValueError(f"libra_fx: {eager}") from error
-    finally:
-        if shim is not None:
-            base.get_placeholder_mask = shim
 
 
 def check_cache(cache) -> None:

@@ -27,6 +27,7 @@ family subclasses it (or instantiates it) and provides:
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -80,6 +81,17 @@ class FamilyAdapter:
 
     def install_shims(self, model) -> None:
         skip_feature_count_message(model)
+
+    @contextlib.contextmanager
+    def without_shims(self, model):
+        """The model as transformers made it, for as long as the block runs (its own error messages)."""
+        base = getattr(model, "model", None)
+        shim = vars(base).pop("get_placeholder_mask", None) if base is not None else None
+        try:
+            yield model
+        finally:
+            if shim is not None:
+                base.get_placeholder_mask = shim
 
 
 def _pixels(model, shape, gen) -> torch.Tensor:
