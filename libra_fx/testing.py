@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
+from libra_fx.families.llava import anyres_tiles
+
 IMAGE_TOKEN_ID = 100
 PAD_TOKEN_ID = 0
 
@@ -85,7 +87,7 @@ def _run_once(model_class, config, seed: int, dtype: torch.dtype, make_inputs):
     return model
 
 
-def _left_padded(pad: tuple[int, ...], batch: int, prefix: int, text, body) -> torch.Tensor:
+def left_padded(pad: tuple[int, ...], batch: int, prefix: int, text, body) -> torch.Tensor:
     """``[B, T]`` ids: per sample ``pad[b]`` pad tokens, ``text(prefix + …)`` so that every row has one
     length, then the tensors of ``body()`` (called once per sample, in sample order)."""
     pad = tuple(pad) + (0,) * (batch - len(pad))
@@ -122,7 +124,7 @@ def tiny_llava_inputs(
     def image_and_text(i):
         return [torch.full((n_img,), IMAGE_TOKEN_ID), text(suffix if i == images - 1 else 3)]
 
-    ids = _left_padded(pad, batch, prefix, text, lambda: [part for i in range(images) for part in image_and_text(i)])
+    ids = left_padded(pad, batch, prefix, text, lambda: [part for i in range(images) for part in image_and_text(i)])
     inputs: dict[str, torch.Tensor] = {"input_ids": ids}
     if padded:
         inputs["attention_mask"] = (ids != PAD_TOKEN_ID).long()
@@ -203,7 +205,7 @@ def tiny_qwen2_vl_inputs(model, batch: int = 1, grid: tuple[int, int] = (8, 8), 
     def text(k):
         return torch.randint(3, 100, (k,), generator=gen)
 
-    ids = _left_padded(pad, batch, prefix, text, lambda: [torch.tensor([QWEN_VISION_START]), torch.full((n,), token),
+    ids = left_padded(pad, batch, prefix, text, lambda: [torch.tensor([QWEN_VISION_START]), torch.full((n,), token),
                                                           torch.tensor([QWEN_VISION_END]), text(suffix)])
     patch = 3 * vision.temporal_patch_size * vision.patch_size**2
     dtype = next(model.parameters()).dtype
@@ -235,7 +237,7 @@ def tiny_llava_next_inputs(model, batch: int = 1, image_size: tuple[int, int] = 
     """Prompts ``[pad] prefix [image tokens] suffix``; every image has ``image_size`` (h, w) pixels,
     so its token count (tiles + newlines) is what the model's own feature code yields for it."""
     gen = torch.Generator().manual_seed(seed)
-    tiles = 1 + len(_anyres_tiles(model, image_size))
+    tiles = anyres_tiles(model.config, image_size)
     side = model.config.vision_config.image_size
     dtype = next(model.parameters()).dtype
     pixels = torch.randn(batch, tiles, 3, side, side, generator=gen).to(dtype)
@@ -245,13 +247,6 @@ def tiny_llava_next_inputs(model, batch: int = 1, image_size: tuple[int, int] = 
     def text(k):
         return torch.randint(1, 100, (k,), generator=gen)
 
-    ids = _left_padded(pad, batch, prefix, text, lambda: [torch.full((n,), IMAGE_TOKEN_ID), text(suffix)])
+    ids = left_padded(pad, batch, prefix, text, lambda: [torch.full((n,), IMAGE_TOKEN_ID), text(suffix)])
     return dict(input_ids=ids, attention_mask=(ids != PAD_TOKEN_ID).long(), pixel_values=pixels, image_sizes=sizes)
 
-
-def _anyres_tiles(model, image_size):
-    from transformers.image_processing_utils import select_best_resolution
-
-    side = model.config.vision_config.image_size
-    best_h, best_w = select_best_resolution(tuple(image_size), model.config.image_grid_pinpoints)
-    return [(i, j) for i in range(best_h // side) for j in range(best_w // side)]

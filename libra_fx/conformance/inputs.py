@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from libra_fx.conformance.tiny import PAD
+from libra_fx.testing import left_padded
 
 TEXT_IDS = (3, 100)  # text token ids are drawn from this range; special ids start at 100
 # a static prompt length equal to one of the tiny models' widths could not be told apart from it in a
@@ -23,30 +24,27 @@ class _Counted(Exception):
         self.features = features
 
 
-def placeholders_per_sample(model, vision: dict, token: str) -> int:
+def placeholders_per_sample(model, family, vision: dict, token: str) -> int:
     """How many ``token`` placeholders one sample of ``vision`` (inputs of batch 1) fills, counted by
-    intercepting the model's ``get_placeholder_mask`` (``token``: ``"image"`` or ``"video"``)."""
+    intercepting the model's own ``get_placeholder_mask`` (``token``: ``"image"`` or ``"video"``)."""
     base = model.model
-    method, shimmed = base.get_placeholder_mask, "get_placeholder_mask" in vars(base)
 
     def count(input_ids, inputs_embeds, *features, **named):
         named = dict(zip(("image_features", "video_features"), features), **named)
         found = named.get(f"{token}_features")
         if found is not None:
             raise _Counted(found)
-        return method(input_ids, inputs_embeds, **named)
+        return type(base).get_placeholder_mask(base, input_ids, inputs_embeds, **named)
 
     ids = torch.full((1, 1), model.config.text_config.vocab_size - 1)
-    base.get_placeholder_mask = count
-    try:
-        with torch.no_grad():
-            model(input_ids=ids, **vision)
-    except _Counted as found:
-        return found.features.numel() // model.config.text_config.hidden_size
-    finally:
-        if shimmed:
-            base.get_placeholder_mask = method
-        else:
+    with family.without_shims(model):
+        base.get_placeholder_mask = count
+        try:
+            with torch.no_grad():
+                model(input_ids=ids, **vision)
+        except _Counted as found:
+            return found.features.numel() // model.config.text_config.hidden_size
+        finally:
             del base.get_placeholder_mask
     raise ValueError(f"the model's forward never asked for a {token} placeholder mask")
 
@@ -59,18 +57,18 @@ def example_inputs(model, family, batch: int = 1, pad: tuple[int, ...] = (), see
     ``text_len`` lengthens the text after the image (a prompt longer than a sliding window)."""
     gen = torch.Generator().manual_seed(seed)
     vision = family.vision_inputs(model, batch, gen, token)
-    n = placeholders_per_sample(model, family.vision_inputs(model, 1, torch.Generator().manual_seed(seed), token), token)
+    n = placeholders_per_sample(model, family, family.vision_inputs(model, 1, torch.Generator().manual_seed(seed), token),
+                                token)
     token_id = getattr(model.config, f"{token}_token_id")
     pads = tuple(pad) + (0,) * (batch - len(pad))
     suffix = text_len or suffix
     while prefix + max(pads) + len(family.wrap_placeholders(model.config, [token_id] * n)) + suffix in WIDTHS:
         suffix += 1
-    rows = []
-    for b in range(batch):  # one length: a padded sample has a shorter prefix
-        body = family.wrap_placeholders(model.config, [token_id] * n)
-        before = prefix + max(pads) - pads[b]
-        text = torch.randint(*TEXT_IDS, (before + suffix,), generator=gen).tolist()
-        rows.append([PAD] * pads[b] + text[:before] + body + text[before:])
-    ids = torch.tensor(rows)
+    body = torch.tensor(family.wrap_placeholders(model.config, [token_id] * n))
+
+    def text(k):
+        return torch.randint(*TEXT_IDS, (k,), generator=gen)
+
+    ids = left_padded(pads, batch, prefix, text, lambda: [body, text(suffix)])
     inputs = dict(input_ids=ids, attention_mask=(ids != PAD).long(), **vision)
     return family.complete_inputs(model.config, inputs)

@@ -12,7 +12,9 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-VOCAB, PAD, BOS, EOS, FIRST_SPECIAL = 128, 0, 1, 2, 100
+from libra_fx.testing import PAD_TOKEN_ID as PAD  # the pad id the example prompts share with libra_fx.testing
+
+VOCAB, BOS, EOS, FIRST_SPECIAL = 128, 1, 2, 100
 TEXT = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, max_window_layers=4,
             moe_intermediate_size=64, shared_expert_intermediate_size=64, num_experts=4, n_routed_experts=4,

@@ -23,13 +23,19 @@ class AnyResAdapter(FamilyAdapter):
     def vision_inputs(self, model, batch, gen, token="image"):
         if token != "image":
             return super().vision_inputs(model, batch, gen, token)
-        from transformers.image_processing_utils import select_best_resolution
-
         side = model.config.vision_config.image_size
-        best_h, best_w = select_best_resolution(self.image_size, model.config.image_grid_pinpoints)
-        tiles = 1 + (best_h // side) * (best_w // side)
+        tiles = anyres_tiles(model.config, self.image_size)
         return dict(pixel_values=_pixels(model, (batch, tiles, 3, side, side), gen),
                     image_sizes=torch.tensor([list(self.image_size)] * batch))
+
+
+def anyres_tiles(config, image_size: tuple[int, int]) -> int:
+    """Tiles of an ``image_size`` (h, w) image: the base tile and those of its best grid pinpoint."""
+    from transformers.image_processing_utils import select_best_resolution
+
+    side = config.vision_config.image_size
+    best_h, best_w = select_best_resolution(tuple(image_size), config.image_grid_pinpoints)
+    return 1 + (best_h // side) * (best_w // side)
 
 
 LLAVA = FamilyAdapter(
