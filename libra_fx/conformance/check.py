@@ -15,6 +15,7 @@ and example prompts (:mod:`~libra_fx.conformance.inputs`), then, for each modali
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -74,7 +75,7 @@ def verify(family, modalities=None, inductor: bool = True, seed: int = 0) -> Ver
             try:
                 passed, detail = check()
             except Exception as error:  # a crash is a failed check, named
-                passed, detail = False, f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:300]}"
+                passed, detail = False, error_summary(error, 300)
             result.checks.append(Check(f"{token} {name}", passed, detail))
     result.seconds = time.perf_counter() - start
     return result
@@ -106,8 +107,7 @@ class _Session:
         (Inductor gets a model of its own: a compiled model keeps its compiler.)"""
         if compiler not in self.models:
             self.models[compiler] = tiny_model(self.family, self.seed)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", libra_fx.LibraFallbackWarning)
+        with _fallback_is_an_error():
             model = libra_fx.compile(self.models[compiler], compiler=compiler, **settings)
         model.libra_backend.records = []
         return model
@@ -169,29 +169,39 @@ class _Session:
         got = _forward(model, x)
         same = got.shape == want.shape and torch.equal(got, want)
         tokens = _generate(model, short)
-        detail = ("forward bit for bit" if same else "forward differs") + \
-            ("; same tokens" if torch.equal(tokens, want_tokens) else "; tokens differ")
-        return same and torch.equal(tokens, want_tokens) and _compressed(model), detail + _unless_compressed(model)
+        same_tokens = torch.equal(tokens, want_tokens)
+        detail = ("forward bit for bit" if same else "forward differs") + ("; same tokens" if same_tokens else "; tokens differ")
+        return same and same_tokens and _compressed(model), detail + _unless_compressed(model)
+
+
+@contextlib.contextmanager
+def _fallback_is_an_error():
+    """No gradients, and a ``LibraFallbackWarning`` raised: a check must not pass uncompressed."""
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", libra_fx.LibraFallbackWarning)
+        yield
 
 
 def _forward(model, inputs):
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("error", libra_fx.LibraFallbackWarning)
+    with _fallback_is_an_error():
         return model(**inputs).logits
 
 
 def _first_logits(model, inputs) -> torch.Tensor:
     """The logits ``generate()`` draws its first token from (its prefill's last position)."""
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("error", libra_fx.LibraFallbackWarning)
+    with _fallback_is_an_error():
         return model.generate(**inputs, max_new_tokens=1, do_sample=False, output_logits=True,
                               return_dict_in_generate=True).logits[0]
 
 
 def _generate(model, inputs):
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("error", libra_fx.LibraFallbackWarning)
+    with _fallback_is_an_error():
         return model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+
+
+def error_summary(error: Exception, limit: int) -> str:
+    """``Type: message`` on one line, at most ``limit`` characters of the message."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())[:limit]}"
 
 
 def _compressed(model) -> bool:

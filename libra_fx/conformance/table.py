@@ -23,6 +23,7 @@ import transformers
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 from libra_fx import families
+from libra_fx.conformance.check import Check, Verification, check_refusal, error_summary, verify as run_checks
 from libra_fx.conformance.tiny import tiny_config
 from libra_fx.families.catalog import ENCODER_DECODER, NO_ADAPTER, REASONS
 
@@ -46,7 +47,7 @@ def _build_error(model_type: str, class_name: str) -> str | None:
             warnings.simplefilter("ignore")
             getattr(transformers, class_name)(tiny_config(model_type))
     except Exception as error:  # any failure is the row's reason
-        return f"{type(error).__name__}: {' '.join(str(error).split())[:160]}"
+        return error_summary(error, 160)
     return None
 
 
@@ -59,8 +60,6 @@ def _notes(family) -> str:
 def rows(verify: bool = True, only: tuple[str, ...] = (), report=None) -> list[Row]:
     """The table. ``verify=False`` skips the checks (adapted rows read ``adapter (not run)``);
     ``report(row, verification)`` is called after each verified family."""
-    from libra_fx.conformance.check import verify as run_checks
-
     out = []
     for model_type, class_name in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.items():
         if only and model_type not in only:
@@ -93,8 +92,6 @@ def rows(verify: bool = True, only: tuple[str, ...] = (), report=None) -> list[R
 
 def _check_refusal(row: Row, report) -> None:
     """A refused class must warn and equal the plain model (a failure turns the row into ``failed``)."""
-    from libra_fx.conformance.check import Check, Verification, check_refusal
-
     try:
         check = check_refusal(row.model_type, row.class_name)
     except Exception as error:  # the plain model itself fails on a text-only prompt: nothing to compare
