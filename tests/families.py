@@ -101,8 +101,8 @@ def ragged_llava_next(model, sizes=((32, 24), (16, 16)), seed=0) -> tuple[dict, 
 
 
 def tiny_gemma3(seed: int = 0):
-    """A random-weight Gemma3 (SigLIP tower, 4 visual tokens per image, sliding-window layers). Its image
-    tokens attend to each other in both directions: a family the passes must refuse, not rewrite."""
+    """A random-weight Gemma3 (SigLIP tower, 4 visual tokens per image, sliding-window layers), for the
+    tests of a family without an adapter (its adapter taken out: tests/test_families.py)."""
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
     config = Gemma3Config(

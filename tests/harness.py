@@ -51,3 +51,20 @@ class ReusedTrace:
             self.run = self.backend(self.graph, self.example_inputs)
         with torch.no_grad():
             return self.forward(**inputs).logits, self.backend
+
+
+def causal_rule_gather_mask(mask: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """The mask rule before issue #16, kept to test against: rows and columns gathered by source, then
+    intersected with a causal mask *in the compressed order* (empty slots hidden, each seeing itself).
+    For causal masks with padding it equals :func:`libra_fx.sequence.gather.gather_mask`; it breaks
+    bidirectional image blocks (Gemma3) and prefix-LM masks (PaliGemma)."""
+    b = torch.arange(source.shape[0])[:, None, None]
+    index = source.clamp_min(0)
+    both = mask.expand(source.shape[0], *mask.shape[1:])[b, :, index[:, :, None], index[:, None, :]].movedim(-1, 1)
+    t = source.shape[1]
+    empty = (source < 0)[:, None, None, :]
+    allowed = torch.ones(t, t, dtype=torch.bool).tril() & ~empty
+    alone = torch.eye(t, dtype=torch.bool) & empty.transpose(-1, -2)
+    if mask.dtype == torch.bool:
+        return both & allowed | alone
+    return both.masked_fill(~allowed, torch.finfo(mask.dtype).min).masked_fill(alone, 0)

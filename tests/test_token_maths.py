@@ -24,6 +24,7 @@ from libra_fx.sequence.gather import gather_mask, gather_tokens
 from libra_fx.sequence.splice import compress_visual_tokens
 from libra_fx.methods import DECODER_METHODS, METHODS, get_method
 from libra_fx.methods.selectors import cosine_matrix, num_targets, one_hot_targets, pti, top_alpha, top_k, turbo
+from harness import causal_rule_gather_mask
 
 ATOL = 1e-5
 PROPS = settings(max_examples=50, deadline=None)
@@ -423,12 +424,30 @@ def test_gather_mask_by_hand():
     assert got.tolist() == [[[[False, False, False],
                                [False, True, False],
                                [False, True, True]]]]
-    # additive float mask of zeros: the new order's upper triangle gets finfo.min
+    # additive float mask of zeros (everything sees everything): it stays so, but of the two tokens
+    # with source 3 the earlier does not see the later (the only entry that gets finfo.min)
     fmask = torch.zeros(1, 1, 4, 4, dtype=torch.float16)
     got = gather_mask(fmask, torch.tensor([[1, 3, 3]]))
     lo = torch.finfo(torch.float16).min
     assert got.dtype == torch.float16
-    assert got.tolist() == [[[[0.0, lo, lo], [0.0, 0.0, lo], [0.0, 0.0, 0.0]]]]
+    assert got.tolist() == [[[[0.0, 0.0, 0.0], [0.0, 0.0, lo], [0.0, 0.0, 0.0]]]]
+
+
+def test_gather_mask_keeps_a_bidirectional_image_block():
+    # Gemma3: text 0, image 1..3 (each sees the whole image), text 4. A stage keeps targets 1 and 3 and
+    # puts a compensation token after 3 (source 3 again): M'[q, k] = M[src q, src k], except that the
+    # target at 3 does not see the compensation token after it
+    m = torch.ones(5, 5, dtype=torch.bool).tril()
+    m[1:4, 1:4] = True
+    got = gather_mask(m[None, None], torch.tensor([[0, 1, 3, 3, 4]]))[0, 0].int().tolist()
+    assert got == [[1, 0, 0, 0, 0],
+                   [1, 1, 1, 1, 0],   # target 1 sees target 3 and the compensation token (bidirectional)
+                   [1, 1, 1, 0, 0],   # target 3: not the compensation token after it (same source)
+                   [1, 1, 1, 1, 0],   # the compensation token: 3's row
+                   [1, 1, 1, 1, 1]]
+    # the causal rule (before issue #16) cut the image block: target 1 no longer saw target 3
+    assert causal_rule_gather_mask(m[None, None], torch.tensor([[0, 1, 3, 3, 4]]))[0, 0, 1].int().tolist() == \
+        [1, 1, 0, 0, 0]
 
 
 # =============================================================================================
@@ -630,6 +649,52 @@ def test_compress_visual_tokens_properties(b, n, pad, carried, d, ratio, name, s
         # text after: unchanged and in order
         close(out[i, k:], hidden[i, end + carried:])
         assert source[i, k:].tolist() == list(range(end + carried, t_len))
+
+
+def _causal_padding_mask(pads: list[int], t: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[B, 1, T, T]``: causal, the first ``pads[b]`` columns of sample ``b`` hidden (left padding)."""
+    keys = torch.arange(t)[None] >= torch.tensor(pads)[:, None]
+    allowed = (torch.ones(t, t, dtype=torch.bool).tril() & keys[:, None, :])[:, None]
+    if dtype == torch.bool:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+@PROPS
+@given(
+    st.lists(st.integers(1, 8), min_size=1, max_size=3),  # span length per sample (unequal: empty slots)
+    st.integers(0, 3),            # most left padding
+    st.floats(0.0, 0.95),         # ratio
+    st.sampled_from(sorted(DECODER_METHODS)),
+    st.sampled_from([torch.bool, torch.float32, torch.float16]),
+    st.integers(0, 2**31 - 1),    # seed
+)
+def test_gather_mask_equals_the_causal_rule_on_causal_masks(lengths, most_pad, ratio, name, dtype, seed):
+    """Contract §5: for causal masks with padding, the rows and columns at the sources (ties: the earlier
+    does not see the later) are the causal rule in the compressed order, over two stages of real sources;
+    with neither padding nor empty slots, both are the causal mask that SDPA's ``is_causal`` and
+    flash-attn rebuild in the compressed order."""
+    gen = torch.Generator().manual_seed(seed)
+    b, t = len(lengths), max(lengths) + most_pad + 2
+    pads = torch.randint(0, most_pad + 1, (b,), generator=gen).tolist()
+    span = torch.zeros(b, t, dtype=torch.bool)
+    for i, (pad, n) in enumerate(zip(pads, lengths)):
+        span[i, pad + 1: pad + 1 + n] = True  # pads, one text token, the span, text
+    hidden = _randn(gen, b, t, 4)
+    new = old = _causal_padding_mask(pads, t, dtype)
+    carried, counts = 0, lengths
+    for _ in range(2):
+        span_lens = ((counts[0],),) if len(set(counts)) == 1 else tuple((n,) for n in counts)
+        alpha = torch.softmax(_randn(gen, *span.shape), -1)
+        hidden, span, source = compress_visual_tokens(hidden, alpha, span, span_lens=span_lens, carried=carried,
+                                                      method=name, ratio=ratio)
+        new, old = gather_mask(new, source), causal_rule_gather_mask(old, source)
+        assert torch.equal(new, old)
+        carried, counts = carried + int(METHODS[name].compensation), [num_targets(n, ratio) for n in counts]
+    if not any(pads) and len(set(lengths)) == 1:
+        rebuilt = torch.ones(source.shape[1], source.shape[1], dtype=torch.bool).tril()
+        assert torch.equal(new, rebuilt.expand_as(new) if dtype == torch.bool else _causal_padding_mask(
+            [0] * b, source.shape[1], dtype))
 
 
 # =============================================================================================

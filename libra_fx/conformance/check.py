@@ -61,6 +61,7 @@ def tiny_model(family, seed: int = 0, attn: str = "sdpa"):
     config = tiny_config(family.model_types[0], family.tiny, attn)
     torch.manual_seed(seed)
     model = getattr(transformers, family.classes[0])(config).eval()
+    family.tiny_weights(model)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model

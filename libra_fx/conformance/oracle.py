@@ -17,7 +17,8 @@ This is how hook-based compression tools work (e.g. ModelTC/LightCompress). Whil
   the span's last input position;
 - a pre-hook on every later layer slices what that layer receives to the kept tokens: in prefill the
   position ids and RoPE tables (gathered by source), and the mask, rows and columns
-  (``M'[q, k] = M[src q, src k]``, and causal in the compressed order); in decode the mask's columns,
+  (``M'[q, k] = M[src q, src k]``; of two tokens with one source the earlier does not see the later,
+  indexed here, not with ``gather_mask``); in decode the mask's columns,
   to the sources of that layer's own (shorter) KV cache. The columns of transformers' decode mask are
   the last ``kv_len`` original positions, so sliding-window layers, whose caches keep only the last
   ``window − 1`` entries, are served by the same rule: the window counts original positions.
@@ -168,8 +169,8 @@ class HookOracle:
             b = torch.arange(mask.shape[0])[:, None, None]
             gathered = mask[b, 0, sources[:, :, None], sources[:, None, :]][:, None]
             t = sources.shape[1]
-            later = torch.ones(t, t, dtype=torch.bool).triu(1)
-            out["attention_mask"] = gathered.masked_fill(later, False if mask.dtype == torch.bool
+            tie = torch.ones(t, t, dtype=torch.bool).triu(1) & (sources[:, :, None] == sources[:, None, :])
+            out["attention_mask"] = gathered.masked_fill(tie[:, None], False if mask.dtype == torch.bool
                                                          else torch.finfo(mask.dtype).min)
         if kwargs.get("position_ids") is not None:
             ids = kwargs["position_ids"]

@@ -60,7 +60,7 @@ def _notes(family) -> str:
 def rows(verify: bool = True, only: tuple[str, ...] = (), report=None) -> list[Row]:
     """The table. ``verify=False`` skips the checks (adapted rows read ``adapter (not run)``);
     ``report(row, verification)`` is called after each verified family."""
-    out = []
+    out, verified = [], {}  # a family of several model types (Gemma3, ShieldGemma2) is verified once
     for model_type, class_name in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.items():
         if only and model_type not in only:
             continue
@@ -68,7 +68,7 @@ def rows(verify: bool = True, only: tuple[str, ...] = (), report=None) -> list[R
         if family is not None and family.classes[0] == class_name:
             row = Row(model_type, class_name, "adapter (not run)", _notes(family))
             if verify:
-                result = run_checks(family)
+                result = verified[family.name] = verified.get(family.name) or run_checks(family)
                 row.status = "verified" if result.passed else "failed"
                 if not result.passed:
                     row.note = "; ".join(f"{c.name}: {c.detail}" for c in result.failures())

@@ -15,6 +15,7 @@ import torch.fx as fx
 
 from libra_fx.errors import LibraFallbackWarning, UnsupportedGraph
 from libra_fx.families.base import FamilyAdapter
+from libra_fx.families.gemma import GEMMA3, PALIGEMMA
 from libra_fx.families.llava import LLAVA, LLAVA_NEXT, LLAVA_NEXT_VIDEO, LLAVA_ONEVISION, VIDEO_LLAVA, VIPLLAVA
 from libra_fx.families.plain import (AYA_VISION, COHERE2_VISION, DEEPSEEK_VL, FAST_VLM, INTERNVL, JANUS,
                                      PERCEPTION_LM)
@@ -22,7 +23,7 @@ from libra_fx.families.qwen2_vl import GLM4V, QWEN2_5_VL, QWEN2_VL
 
 FAMILIES: tuple[FamilyAdapter, ...] = (
     LLAVA, LLAVA_NEXT, QWEN2_VL, QWEN2_5_VL, LLAVA_ONEVISION, LLAVA_NEXT_VIDEO, VIDEO_LLAVA, VIPLLAVA, INTERNVL,
-    AYA_VISION, DEEPSEEK_VL, JANUS, FAST_VLM, COHERE2_VISION, GLM4V, PERCEPTION_LM)
+    AYA_VISION, DEEPSEEK_VL, JANUS, FAST_VLM, COHERE2_VISION, GLM4V, PERCEPTION_LM, GEMMA3, PALIGEMMA)
 
 
 def supported_classes() -> list[str]:

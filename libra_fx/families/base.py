@@ -12,7 +12,6 @@ family subclasses it (or instantiates it) and provides:
   of ``[N_i, D]``, or one ``[n, N, D]``); each image or video is one span (contract §1). ``span_notes``
   says what the family's spans hold;
 - ``position_rows``: the leading rows of multi-axis position ids and RoPE tables (``()``: 1-D);
-- ``mask``: the decoder's mask semantics; the passes support ``"causal"`` (with padding) only;
 - ``vision_methods``: whether its tower has the [CLS] token the vision-side methods need;
   ``projector``: the name of the module that maps the tower's features to the decoder's width
   (the vision-side methods merge at its input);
@@ -21,8 +20,8 @@ family subclasses it (or instantiates it) and provides:
 - ``graph_break_hint``: what to tell a user whose graph break cut the visual tokens off the decoder;
 - for ``libra-fx families`` (:mod:`libra_fx.conformance`): ``model_types`` (the keys of transformers'
   auto mappings), ``tiny`` (overrides of the generic tiny config), ``modalities``, ``stand_in`` (what a
-  tiny model replaces, e.g. a timm tower), and how an example prompt is made: ``vision_inputs``,
-  ``wrap_placeholders`` and ``complete_inputs``.
+  tiny model replaces, e.g. a timm tower), ``tiny_weights`` (weights a random init leaves degenerate),
+  and how an example prompt is made: ``vision_inputs``, ``wrap_placeholders`` and ``complete_inputs``.
 """
 
 from __future__ import annotations
@@ -40,7 +39,6 @@ class FamilyAdapter:
     modeling: tuple[str, ...] = ()
     span_notes: str = "one span per image"
     position_rows: tuple[int, ...] = ()
-    mask: str = "causal"
     vision_methods: bool = False
     projector: str = "multi_modal_projector"
     graph_break_hint: str = ""
@@ -74,6 +72,9 @@ class FamilyAdapter:
     def complete_inputs(self, config, inputs: dict) -> dict:
         """Inputs the model needs besides ids, mask and pixels (e.g. token types)."""
         return inputs
+
+    def tiny_weights(self, model) -> None:
+        """Re-draw, in place, the weights of a random-weight tiny model that its init leaves degenerate."""
 
     def prepare_forward(self, model, kwargs: dict) -> dict:
         """The keyword arguments of one ``forward`` call, completed before the compiled forward runs."""

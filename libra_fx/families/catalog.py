@@ -6,15 +6,16 @@ Read by :mod:`libra_fx.conformance.table`; a class listed here runs uncompressed
 
 from __future__ import annotations
 
-_BIDIRECTIONAL = "image tokens attend to each other in both directions (not a causal mask): issue #16"
+_PER_LAYER = ("per-layer input embeddings (a [B, T, layers, d] tensor read by every decoder layer) and layers "
+              "that reuse an earlier layer's KV cache: no adapter yet")
 _MARKERS = "text marker tokens inside an image's placeholders (rows or tiles) split its span: issue #16"
 _DEEPSTACK = "DeepStack: visual features are added again inside early decoder layers: issue #16"
 _QFORMER = "a Q-Former's query tokens stand for the image: no adapter yet"
 _NOT_IMAGE_TEXT = "not an image-to-text decoder LM"
 
 REASONS: dict[str, str] = {
-    "gemma3": _BIDIRECTIONAL, "shieldgemma2": _BIDIRECTIONAL, "paligemma": "prefix-LM mask (image and prompt "
-    "bidirectional): issue #16", "gemma3n": _BIDIRECTIONAL, "gemma4": _BIDIRECTIONAL, "gemma4_unified": _BIDIRECTIONAL,
+    "gemma3n": _PER_LAYER, "gemma4": _PER_LAYER,
+    "gemma4_unified": "layers that reuse an earlier layer's KV cache (KV sharing): no adapter yet",
     "mistral3": _MARKERS, "idefics2": _MARKERS, "idefics3": _MARKERS, "smolvlm": _MARKERS, "granite_docling": _MARKERS,
     "lfm2_vl": _MARKERS + " (LFM2's convolution layers also mix tokens)", "lfm3_vl": _MARKERS,
     "qwen3_vl": _DEEPSTACK, "qwen3_vl_moe": _DEEPSTACK, "qwen3_5": "gated delta-net (linear attention) layers "

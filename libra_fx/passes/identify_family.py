@@ -6,8 +6,9 @@ Dynamo records the module classes each node was traced in (``nn_module_stack``):
     "L['self'].model"  → <Other>Model        → no adapter: UnsupportedGraph, naming the classes
 
 (after a graph break, the transformers modeling file of the nodes' outermost frame names it).
-``libra_fx.compile`` already knows the family from the model object and passes it in. A family
-whose masks are not causal is refused too: the passes rebuild causal masks only.
+``libra_fx.compile`` already knows the family from the model object and passes it in. A family's
+masks need nothing of it: the later layers take the original mask's rows and columns at the kept
+tokens, whatever the mask (contract §5).
 """
 
 from __future__ import annotations
@@ -25,9 +26,6 @@ def run(ctx: RewriteContext) -> PassResult:
         result.matched.append(f"{ctx.family.name} (from {', '.join(s for s in seen if _names(ctx.family, s))})")
     else:
         result.matched.append(f"{ctx.family.name} (given by the caller)")
-    if ctx.family.mask != "causal":
-        raise UnsupportedGraph(f"{ctx.family.name}'s attention masks are {ctx.family.mask}; the passes rebuild "
-                               "only causal (and padding) masks after a stage (contract §5)")
     return result
 
 

@@ -8,7 +8,7 @@ outside the region are rewired by what they are::
     [.., T, ..] per-token data → gather_tokens(x, positions, dim, batch_dim)  (RoPE cos/sin, position ids,
                                   multi-axis [R, B, T, d] tables of the families that declare R rows;
                                   ``positions`` is the stage's source unless it numbers tokens afresh)
-    [.., T, T] attention mask  → gather_mask(mask, source)      (causal in the new order)
+    [.., T, T] attention mask  → gather_mask(mask, source)      (rows and columns at the sources)
     parameters, buffers, anything without T → unchanged
 
     view_9 = linear_21.view((2, s27, -1, 16))        cos_4 = cos_2.unsqueeze(1)

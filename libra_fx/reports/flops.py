@@ -13,20 +13,27 @@ from dataclasses import dataclass
 from importlib import resources
 
 from libra_fx.methods import get_method, is_vision_method, visual_token_counts
-from libra_fx.methods.selectors import num_targets
 
-PRESETS = ("llava-1.5-7b", "llava-1.5-13b", "llava-next-8b")
+PRESETS = ("llava-1.5-7b", "llava-1.5-13b", "llava-next-8b", "gemma3-4b", "qwen3-vl-8b")
 
 
 @dataclass(frozen=True)
 class DecoderShape:
+    """A decoder's published sizes (prefill only: the formula counts the prompt's visual tokens).
+    Heads, KV heads and vocabulary are shown, not counted: the formula is the paper's."""
+
     name: str
     hidden_size: int
     intermediate_size: int
     num_hidden_layers: int
     visual_tokens: int
-    layers: tuple[int, ...]  # the paper's libra schedule for this model
+    visual_tokens_note: str  # which count, and why
+    layers: tuple[int, ...]  # the paper's libra schedule for this model (quarters of the depth)
     fastv_layers: tuple[int, ...]
+    source: str  # where the sizes are published
+    num_attention_heads: int | None = None
+    num_key_value_heads: int | None = None
+    vocab_size: int | None = None
 
 
 def preset(name: str, visual_tokens: int | None = None) -> DecoderShape:
@@ -36,7 +43,7 @@ def preset(name: str, visual_tokens: int | None = None) -> DecoderShape:
     data = json.loads(resources.files("libra_fx").joinpath("reports", "presets", f"{name}.json").read_text())
     data["layers"], data["fastv_layers"] = tuple(data["layers"]), tuple(data["fastv_layers"])
     if visual_tokens is not None:
-        data["visual_tokens"] = visual_tokens
+        data["visual_tokens"], data["visual_tokens_note"] = visual_tokens, "given by the caller"
     return DecoderShape(**data)
 
 
@@ -105,8 +112,11 @@ def report(shape: DecoderShape, method: str = "libra", ratio: float = 0.5, layer
     else:
         schedule = (f"{method}, ratio {ratio}, stages after layers {tuple(layers)}"
                     + ("" if compensation else " (compensation tokens not counted)"))
-    lines = [f"{shape.name}: d={d}, m={m}, {shape.num_hidden_layers} layers, {shape.visual_tokens} visual tokens",
-             schedule, "", "| layers | visual tokens | TFLOPs per layer |", "| --- | ---: | ---: |"]
+    heads = (f", {shape.num_attention_heads} heads ({shape.num_key_value_heads} KV), vocabulary {shape.vocab_size}"
+             if shape.num_attention_heads else "")
+    lines = [f"{shape.name}: d={d}, m={m}, {shape.num_hidden_layers} layers{heads}",
+             f"{shape.visual_tokens} visual tokens: {shape.visual_tokens_note}", schedule, "",
+             "| layers | visual tokens | TFLOPs per layer |", "| --- | ---: | ---: |"]
     start = 0
     for i in range(1, len(counts) + 1):
         if i == len(counts) or counts[i] != counts[start]:

@@ -28,18 +28,23 @@ def gather_tokens(x: torch.Tensor, source: torch.Tensor, dim: int, batch_dim: in
 
 
 def gather_mask(mask: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-    """Re-index a ``[B|1, h, T, T]`` attention mask to ``[B, h, T', T']``, causal in the new order.
+    """Re-index a ``[B|1, h, T, T]`` attention mask to ``[B, h, T', T']`` (contract §5).
 
-    Empty slots (``source = -1``) are hidden from every query and see only themselves. Bool masks
-    stay bool; additive float masks keep their dtype and use its minimum for forbidden entries.
+    Kept tokens ``q, k`` get ``M[source q, source k]``: the original mask's rows and columns at their
+    sources, so bidirectional blocks, prefix-LM masks and sliding windows stay as they were. Of two
+    tokens with one source (a compensation token after the target at its span's last rank), the
+    earlier does not see the later. Empty slots (``source = -1``) are hidden from every query and
+    see only themselves. Bool masks stay bool; additive float masks keep their dtype and use its
+    minimum for forbidden entries.
     """
     rows = gather_tokens(mask, source, 2)
     both = gather_tokens(rows, source, 3)
     t_new = source.shape[1]
-    causal = torch.ones(t_new, t_new, dtype=torch.bool, device=mask.device).tril()
+    later = torch.ones(t_new, t_new, dtype=torch.bool, device=mask.device).triu(1)
+    tie = (source[:, :, None] == source[:, None, :]) & later  # [B, T', T']
     empty = (source < 0)[:, None]  # [B, 1, T']
-    allowed = causal & ~empty[..., None, :]
+    hidden = tie[:, None] | empty[..., None, :] | empty[..., None]
     alone = torch.eye(t_new, dtype=torch.bool, device=mask.device) & empty[..., None]  # an empty slot's own entry
     if mask.dtype == torch.bool:
-        return both & allowed | alone
-    return both.masked_fill(~allowed, torch.finfo(mask.dtype).min).masked_fill(alone, 0)
+        return both & ~hidden | alone
+    return both.masked_fill(hidden, torch.finfo(mask.dtype).min).masked_fill(alone, 0)

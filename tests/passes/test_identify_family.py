@@ -1,7 +1,6 @@
 """identify_family: the adapter of the graph's model family, found from the module classes (or,
 after a graph break, the transformers modeling file); reads, does not edit."""
 
-import dataclasses
 
 import pytest
 from passkit import make_ctx, run_until, snapshot, toy_graph
@@ -55,10 +54,3 @@ def test_model_of_no_family_is_refused_by_name():
     assert "LlavaForConditionalGeneration" in str(err.value)
     assert ctx.family is None
 
-
-def test_family_with_non_causal_masks_is_refused(llava_graph):
-    bidirectional = dataclasses.replace(LLAVA, name="Bidirectional-LLaVA", mask="bidirectional")
-    ctx = make_ctx(llava_graph, family=bidirectional)
-    run_until(ctx, "identify_family")
-    with pytest.raises(UnsupportedGraph, match="Bidirectional-LLaVA's attention masks are bidirectional"):
-        identify_family.run(ctx)
