@@ -184,7 +184,7 @@ def harness_answers(pictures) -> dict[str, list[str]]:
     return {name: [st.VOCAB[t] for t in value.argmax(-1).tolist()] for name, value in logits.items()}
 
 
-def test_lmms_eval_matches_the_fidelity_harness(tmp_path):
+def test_lmms_eval_runs_the_shapes_task_like_the_fidelity_harness(tmp_path):
     python = eval_python()
     task = tmp_path / "task"
     subprocess.run([str(python), "-m", "libra_fx.cli", "lmms-task", "--out", str(task), "--n", str(N)],
