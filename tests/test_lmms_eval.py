@@ -68,7 +68,8 @@ def test_shipped_processor_gives_the_task_inputs(tmp_path):
 
     shapes_processor().save_pretrained(tmp_path)
     for name in os.listdir(tmp_path):
-        assert (tmp_path / name).read_text() == (st.checkpoint_path() / name).read_text(), name
+        made, shipped = (tmp_path / name).read_text(), (st.checkpoint_path() / name).read_text()
+        assert (json.loads(made) == json.loads(shipped)) if name.endswith(".json") else made == shipped, name
     processor = AutoProcessor.from_pretrained(str(st.checkpoint_path()))
     data, task = st.heldout(8), rows(8)
     for i in range(8):
