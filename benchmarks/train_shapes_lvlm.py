@@ -5,7 +5,7 @@
     python benchmarks/train_shapes_lvlm.py --device cuda --minutes 6 --out libra_fx/checkpoints/shapes-lvlm
     python benchmarks/train_shapes_lvlm.py --steps 20 --images 8 --out /tmp/smoke   # a smoke run
 
-Writes ``config.json`` + ``model.safetensors`` (fp32), ``training.json`` (the loss / accuracy curve,
+Writes ``config.json`` + ``model.safetensors`` (fp32), the processor (``shapes_processor``), ``training.json`` (the loss / accuracy curve,
 the settings) and, unless ``--no-dependence``, the visual dependence per layer on the held-out split.
 """
 
@@ -19,6 +19,7 @@ import time
 import torch
 
 from libra_fx import shapes_task as st
+from libra_fx.shapes_task.processor import shapes_processor
 
 
 def main(argv=None) -> dict:
@@ -63,6 +64,7 @@ def main(argv=None) -> dict:
     seconds = time.perf_counter() - started
     os.makedirs(args.out, exist_ok=True)
     model.save_pretrained(args.out, safe_serialization=True)
+    shapes_processor().save_pretrained(args.out)  # tokenizer + image processor: AutoProcessor, lmms-eval
     result = {"settings": vars(args), "parameters": n_params, "train_seconds": round(seconds, 1),
               "steps": len(history), "device": args.device,
               "curve": [h for h in history if "acc" in h or h["step"] % 100 == 0]}

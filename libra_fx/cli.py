@@ -4,6 +4,7 @@
     libra-fx diff --model tiny-llava --method libra --ratio 0.5 [--out diff.html]
     libra-fx show --model tiny-llava --method libra --ratio 0.5 --out map.png
     libra-fx families [--markdown] [--only glm4v internvl] [--no-verify]
+    libra-fx lmms-task --out DIR [--n 16]      (the [eval] extra: lmms-eval and datasets)
 """
 
 from __future__ import annotations
@@ -46,8 +47,16 @@ def main(argv: list[str] | None = None) -> None:
     table.add_argument("--markdown", action="store_true", help="print the README's table")
     table.add_argument("--only", nargs="+", default=(), metavar="MODEL_TYPE", help="these model types only")
     table.add_argument("--no-verify", action="store_true", help="list without running the checks (fast)")
+    task = commands.add_parser("lmms-task", help="write the shapes-VQA task for lmms-eval (parquet + YAML; "
+                               "needs the [eval] extra)")
+    task.add_argument("--out", required=True, help="folder for shapes_vqa.parquet and shapes_vqa.yaml")
+    task.add_argument("--n", type=int, default=16, help="held-out questions (the first n of shapes_task.heldout(n))")
     args = parser.parse_args(argv)
-    if args.command == "families":
+    if args.command == "lmms-task":
+        from libra_fx.lmms_eval.shapes_task import write_task
+
+        print(f"wrote {write_task(args.out, args.n)}: lmms-eval --include_path {args.out} --tasks shapes_vqa ...")
+    elif args.command == "families":
         _families(args)
     elif args.command == "flops":
         shape = flops.preset(args.preset, args.visual_tokens)

@@ -25,9 +25,10 @@ The task (``difficulty`` 1–3):
 
 The prompt is ``<bos> <image>×144 q0 q1 q2 q3 q4``; the answer is the next token.
 
-Modules: ``data`` (vocabulary, scenes, questions, pictures, batches, the held-out split) and
-``model`` (config, the shipped checkpoint, metrics, visual dependence, training); every public name
-of both is re-exported here.
+Modules: ``data`` (vocabulary, scenes, questions, pictures, batches, the held-out split),
+``model`` (config, the shipped checkpoint, metrics, visual dependence, training) and ``processor``
+(the tokenizer and image processor shipped beside the checkpoint, 8-bit pictures); every public name
+is re-exported here.
 """
 
 from libra_fx.shapes_task.data import (
@@ -47,6 +48,8 @@ from libra_fx.shapes_task.data import (
     NUM_VISUAL_TOKENS,
     PAD_TOKEN_ID,
     PATCH_SIZE,
+    PIXEL_MEAN,
+    PIXEL_STD,
     PROMPT_LEN,
     QTYPES,
     QUESTION_LEN,
@@ -82,15 +85,19 @@ from libra_fx.shapes_task.model import (
     train,
     visual_dependence,
 )
+from libra_fx.shapes_task.processor import picture, shapes_processor
 
 __all__ = [
     # data
     "ANSWER_IDS", "ANSWERS", "BOS_TOKEN_ID", "COLOURS", "COUNTS", "DEFAULT_LAYERS", "DEFAULT_TWO_STAGE_LAYERS",
     "DIFFICULTIES", "DIRECTIONS", "GRID", "HELDOUT_SEED", "IMAGE_SIZE", "IMAGE_TOKEN_ID", "NUM_VISUAL_TOKENS",
-    "PAD_TOKEN_ID", "PATCH_SIZE", "PROMPT_LEN", "QTYPES", "QUESTION_LEN", "QUESTION_WORDS", "RGB", "SHAPES",
+    "PAD_TOKEN_ID", "PATCH_SIZE", "PIXEL_MEAN", "PIXEL_STD", "PROMPT_LEN", "QTYPES", "QUESTION_LEN",
+    "QUESTION_WORDS", "RGB", "SHAPES",
     "SPECIAL", "TOKEN", "VOCAB", "VOCAB_SIZE", "Difficulty", "Obj", "heldout", "make_batch", "model_inputs",
     "neighbour", "question_text", "render", "sample_question", "sample_scene", "scene_tensor",
     # model
     "LlavaForConditionalGeneration", "accuracy", "answer_logits", "batches", "checkpoint_path", "drop_visual_after",
     "load_shapes_lvlm", "per_type_accuracy", "shapes_lvlm_config", "train", "visual_dependence",
+    # processor
+    "picture", "shapes_processor",
 ]

@@ -29,6 +29,7 @@ ANSWER_IDS = torch.tensor([TOKEN[a] for a in ANSWERS])
 VOCAB_SIZE = 64  # room to spare
 
 IMAGE_SIZE, PATCH_SIZE, GRID = 96, 8, 4
+PIXEL_MEAN, PIXEL_STD = 0.45, 0.27  # pixel values are (RGB in [0, 1] - mean) / std, on every channel
 NUM_VISUAL_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 144
 QUESTION_LEN = 5
 PROMPT_LEN = 1 + NUM_VISUAL_TOKENS + QUESTION_LEN
@@ -170,7 +171,7 @@ def render(objects: torch.Tensor, noise_seed: int | None = None) -> torch.Tensor
     if noise_seed is not None:
         gen = torch.Generator(device=device).manual_seed(noise_seed)
         img = img + 0.03 * torch.randn(img.shape, generator=gen, device=device)
-    return (img - 0.45) / 0.27
+    return (img - PIXEL_MEAN) / PIXEL_STD
 
 
 # ------------------------------------------------------------------------------------------ batches
