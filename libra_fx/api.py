@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import types
 
 import torch
 from transformers import DynamicCache
@@ -26,7 +27,7 @@ from libra_fx.config import CompressionConfig
 from libra_fx.dynamo_backend import LibraBackend
 from libra_fx.hf_compat import kv_cache, prompt_tokens
 from libra_fx.methods import is_vision_method
-from libra_fx.sequence.attention import use_libra_attention
+from libra_fx.sequence.attention import PREFIX, use_libra_attention
 from libra_fx.state import ModelState
 
 
@@ -69,10 +70,10 @@ def compile(model, ratio=0.5, layers=(7, 15, 23), method="libra", tau=None, eta=
         model.forward = _mark(torch.compile(model.forward, backend=be, fullgraph=fullgraph), be, fullgraph)
         return model
     be.config.check_layers(num_decoder_layers(model))
-    use_libra_attention(model)
+    be.state.attention = use_libra_attention(model).removeprefix(PREFIX)
     family.install_shims(model)
     eager_forward = model.forward
-    compiled = torch.compile(eager_forward, backend=be, fullgraph=fullgraph)
+    compiled = torch.compile(with_own_code(eager_forward), backend=be, fullgraph=fullgraph)
     vision_side = is_vision_method(be.config.method)
 
     @functools.wraps(model.forward)
@@ -81,6 +82,8 @@ def compile(model, ratio=0.5, layers=(7, 15, 23), method="libra", tau=None, eta=
         if vision_side:
             kwargs = without_return_dict(kwargs)
         kwargs = be.state.before_call(family.prepare_forward(model, kwargs), family.refused_inputs(kwargs))
+        if be.state.uncompressed_reason(args, kwargs) is not None:
+            return eager_forward(*args, **kwargs)
         static_batch(args, kwargs)
         try:
             with torch._dynamo.config.patch(capture_scalar_outputs=True,  # no break at feature-count checks
@@ -96,7 +99,32 @@ def compile(model, ratio=0.5, layers=(7, 15, 23), method="libra", tau=None, eta=
     if vision_side:  # keep the vision tower inside the compiled forward under generate()
         forward.__signature__ = signature_for_generate(model.forward)
     model.forward = _mark(forward, be, fullgraph)
+    model.generate = _knowing_the_prompt(model.generate, be.state)
     return model
+
+
+def with_own_code(method):
+    """``method`` (bound) as a new function object on a copy of its code object.
+
+    Dynamo keeps compiled code, and counts recompiles against ``recompile_limit``, per code object. The
+    outermost code of a transformers forward is one wrapper shared by every model (and by every
+    ``torch.compile`` of a plain model): a copy gives this model its own entries, so a sweep of many
+    compiled models, or a plain compiled baseline in the same process, cannot push it to eager."""
+    fn = method.__func__
+    copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    return types.MethodType(functools.update_wrapper(copy, fn), method.__self__)
+
+
+def _knowing_the_prompt(generate, state: ModelState):
+    """``generate`` that tells the model's state its prompt (see :meth:`ModelState.generating`)."""
+    @functools.wraps(generate)
+    def wrapper(*args, **kwargs):
+        prompt = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+        with state.generating(prompt if prompt is not None else kwargs.get("inputs_embeds")):
+            return generate(*args, **kwargs)
+
+    return wrapper
 
 
 def _mark(forward, be: LibraBackend, fullgraph: bool):

@@ -7,11 +7,16 @@ keeps it per returned KV cache, and completes every later step on that cache::
     prefill   out = forward(...)        side outputs {empty_slots | source, valid, positions}  →  layouts[out.cache]
     decode    forward(..., cache=c)     kwargs + libra_empty_slots | the compressed prompt's 2-D mask
 
+A prefill the passes' contract cannot serve runs the uncompressed model instead, with a warning
+(:meth:`ModelState.uncompressed_reason`): one that carries assisted generation's candidate tokens, or
+a batch with a sample that is all padding under an attention that averages fully masked rows.
+
 No module globals, nothing set on transformers' objects: two compiled models never share state.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -32,6 +37,8 @@ class DecodeLayout:
     prompt_len: int | None = None  # the uncompressed prompt's length (vision-side stages)
     keep: torch.Tensor | None = None  # [B, T'] False on the compressed prompt's padding (slots and pads)
     shift: torch.Tensor | None = None  # [B] the compressed prompt's last position id minus the original's
+    prompt_cached: int = 0  # entries of layer 0 (full length) after the prefill
+    removed: tuple[int, ...] = ()  # per layer: how many fewer entries than layer 0 it holds
 
 
 class ModelState:
@@ -40,12 +47,16 @@ class ModelState:
     :meth:`before_call` / :meth:`after_call` (``libra_fx.compile``'s does); a prefill with images that
     ran no compressed graph then warns once (``strict``: raises)."""
 
-    def __init__(self, family=None, refused: str | None = None, serves_decode: bool = False, strict: bool = False):
+    def __init__(self, family=None, refused: str | None = None, serves_decode: bool = False, strict: bool = False,
+                 attention: str = "sdpa"):
         self.family, self.refused, self.serves_decode, self.strict = family, refused, serves_decode, strict
+        self.attention = attention  # the language model's own attention implementation
+        self.generate_prompt: int | None = None  # the prompt length of the generate() in progress
         self.side_outputs: dict[str, object] | None = None  # of the newest compressed run
         self._layouts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache → DecodeLayout
         self.graphs_run: list[bool] = []  # this call's compiled graphs: whether each was compressed
         self.call_refused: str | None = None  # why this call's inputs are not compressed
+        self.prefill = False  # whether this call started on an empty cache
         self.warned_uncompressed = False
 
     def before_call(self, kwargs: dict, refused: str | None = None) -> dict:
@@ -53,9 +64,11 @@ class ModelState:
         ``refused``: why this call's inputs are not compressed (graphs compiled for it are left as they are)."""
         self.side_outputs, self.graphs_run, self.call_refused = None, [], refused
         cache = kv_cache(kwargs)
+        self.prefill = cache is None or cache.get_seq_length() == 0  # (the call fills the cache it is given)
         layout = self._layouts.get(cache) if cache is not None else None
         if layout is not None and cache.get_seq_length() > 0:
             self._check_window(cache, kwargs)
+            align_cropped_layers(cache, layout)
         if layout is None or cache.get_seq_length() == 0:
             return kwargs
         if layout.keep is not None:
@@ -71,7 +84,8 @@ class ModelState:
         side, cache = self.side_outputs or {}, returned_cache(out)
         if cache is None or not any(self.graphs_run):
             return
-        layout = DecodeLayout()
+        lengths = [layer.get_seq_length() for layer in cache.layers]
+        layout = DecodeLayout(prompt_cached=lengths[0], removed=tuple(lengths[0] - n for n in lengths))
         if "empty_slots" in side:
             layout.empty_slots = side["empty_slots"]
         if "valid" in side:
@@ -81,6 +95,45 @@ class ModelState:
             layout.prompt_len = prompt_tokens(args, kwargs).shape[1]
             layout.shift = position_shift(side["positions"], layout.prompt_len)
         self._layouts[cache] = layout
+
+    @contextlib.contextmanager
+    def generating(self, prompt: torch.Tensor | None):
+        """Around one ``generate()``: its prompt's length, by which a prefill that also carries
+        candidate tokens is told apart (:meth:`uncompressed_reason`)."""
+        saved, self.generate_prompt = self.generate_prompt, None if prompt is None else prompt.shape[1]
+        try:
+            yield
+        finally:
+            self.generate_prompt = saved
+
+    def uncompressed_reason(self, args: tuple, kwargs: dict) -> str | None:
+        """Why this prefill must run the uncompressed model (``None``: it need not); warns (``strict``: raises).
+
+        - assisted generation runs the prompt and the draft's candidates in one forward: the importance
+          query would be a candidate, not the prompt's last token (contract §2);
+        - a sample that is all padding has only fully masked rows: SDPA gives them zeros, before and
+          after compression alike, but eager attention averages every value, which compression changes.
+        """
+        cache = kv_cache(kwargs)
+        if self.refused is not None or cache is not None and cache.get_seq_length() > 0:
+            return None
+        tokens, mask = prompt_tokens(args, kwargs), kwargs.get("attention_mask")
+        why = None
+        if cache is not None and self.generate_prompt is not None and tokens.shape[1] > self.generate_prompt:
+            why = (f"this generate() runs its prompt together with {tokens.shape[1] - self.generate_prompt} candidate "
+                   "token(s) in one forward (assisted generation), so the importance query would be a candidate, not "
+                   "the prompt's last token; the prompt is not compressed")
+        elif self.attention != "sdpa" and mask is not None and mask.dim() == 2 and not mask.any(-1).all():
+            empty = (~mask.bool().any(-1)).nonzero().flatten().tolist()
+            why = (f"sample(s) {empty} of this batch are all padding (an all-zero attention_mask); {self.attention} "
+                   "attention averages the values of a fully masked row, which compression would change, so the "
+                   "batch runs uncompressed")
+        if why is not None:
+            message = f"libra_fx: {why}"
+            if self.strict:
+                raise UnsupportedGraph(message)
+            warnings.warn(message, LibraFallbackWarning, stacklevel=4)
+        return why
 
     @staticmethod
     def _check_window(cache, kwargs: dict) -> None:
@@ -95,10 +148,9 @@ class ModelState:
     def _check_compressed(self, kwargs: dict) -> None:
         """Warn (once per model) when a prefill with images ran, but no compressed graph did: Dynamo
         skipped the frame or hit its recompile limit, or no graph with visual tokens reached the decoder."""
-        cache = kv_cache(kwargs)
         images = any(v is not None for k, v in kwargs.items() if k.startswith(("pixel_values", "mm_encoder_outputs")))
         if (self.refused is not None or self.call_refused is not None or not images or any(self.graphs_run)
-                or self.warned_uncompressed or cache is not None and cache.get_seq_length() > 0):
+                or self.warned_uncompressed or not self.prefill):
             return
         if not self.graphs_run:
             why = ("Dynamo ran the forward without calling the libra backend: it skips this frame, or the forward hit "
@@ -112,3 +164,26 @@ class ModelState:
         if self.strict:
             raise UnsupportedGraph(message)
         warnings.warn(message, LibraFallbackWarning, stacklevel=4)
+
+
+def align_cropped_layers(cache, layout: DecodeLayout) -> None:
+    """Keep each layer ``layout.removed`` entries shorter than layer 0 after a crop.
+
+    Assisted generation and prompt lookup drop rejected candidates with ``cache.crop``. A crop by count
+    (transformers ≥ 5.2x) keeps the layers' differences; a crop to an absolute length (earlier 5.x)
+    leaves the shorter, compressed layers too long. Their extra entries are the newest tokens, so they
+    are cropped by count here. A crop into the prompt cannot be mapped onto a compressed layer: ``ValueError``.
+    """
+    full = cache.layers[0].get_seq_length()
+    if full < layout.prompt_cached:
+        raise ValueError(f"libra_fx: this KV cache was cropped to {full} entries, into its compressed prompt "
+                         f"({layout.prompt_cached} entries in layer 0); crop only tokens generated after the prompt")
+    for index, (layer, removed) in enumerate(zip(cache.layers, layout.removed)):
+        if getattr(layer, "sliding_window", None):
+            continue  # by count, up to its window: _check_window refuses a step past it
+        extra = layer.get_seq_length() - (full - removed)
+        if extra < 0:
+            raise ValueError(f"libra_fx: layer {index} of this compressed KV cache holds {-extra} entries fewer than "
+                             "the prefill left it relative to layer 0; it was cropped by something libra-fx cannot follow")
+        if extra:
+            layer.crop(-extra)

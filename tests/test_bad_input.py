@@ -202,3 +202,51 @@ def test_a_placeholder_count_that_does_not_match_the_features_names_the_mismatch
     with pytest.raises(ValueError, match=f"libra_fx: Image features and image tokens do not match, tokens: {placeholders}"):
         with torch.no_grad():
             compiled(input_ids=ids, pixel_values=inputs["pixel_values"])
+
+
+def test_pixel_values_passed_again_on_a_second_turn_names_the_mismatch():
+    """Turn 2 of a conversation continues the returned cache with new text only; passing the image again
+    gives transformers' own message, not Dynamo's bare assertion (issue 14, case 7)."""
+    model = libra_fx.compile(tiny_llava(), compiler="eager", ratio=0.5, layers=(1,))
+    inputs = tiny_llava_inputs(model)
+    with torch.no_grad():
+        first = model.generate(**inputs, max_new_tokens=2, return_dict_in_generate=True)
+        ids = torch.cat([first.sequences, torch.tensor([[5, 6, 7]])], 1)
+        with pytest.raises(ValueError, match="libra_fx: Image features and image tokens do not match, tokens: 0"):
+            model.generate(input_ids=ids, pixel_values=inputs["pixel_values"], past_key_values=first.past_key_values,
+                           max_new_tokens=2)
+
+
+def _with_an_empty_sample(model):
+    inputs = tiny_llava_inputs(model, batch=2)
+    mask = torch.ones_like(inputs["input_ids"])
+    mask[1] = 0
+    return dict(inputs, attention_mask=mask)
+
+
+@pytest.mark.parametrize("ratio", [0.001, 0.5])
+def test_a_sample_that_is_all_padding_gives_the_uncompressed_result(ratio):
+    """Issue 14, case 6: an all-zero attention_mask row used to crash (``index -1``). Under SDPA its fully
+    masked rows attend to nothing, compressed or not: the bare backend compresses, and that sample's
+    text positions equal the plain model's."""
+    plain = tiny_llava()
+    inputs = _with_an_empty_sample(plain)
+    with torch.no_grad():
+        want = plain(**inputs).logits
+        got = torch.compile(tiny_llava().forward, backend=libra_fx.backend(
+            method="fastv", ratio=ratio, layers=(1,), compiler="eager"))(**inputs).logits
+    suffix = 7  # the text after the image (tiny_llava_inputs)
+    assert torch.equal(got[1, -suffix:], want[1, -suffix:])
+    assert (got.shape[1] < want.shape[1]) == (ratio == 0.5)
+
+
+def test_a_sample_that_is_all_padding_under_eager_attention_runs_uncompressed_with_a_warning():
+    """Eager attention averages the values of a fully masked row, which compression would change."""
+    plain = tiny_llava(attn="eager")
+    inputs = _with_an_empty_sample(plain)
+    model = libra_fx.compile(tiny_llava(attn="eager"), compiler="eager", method="fastv", ratio=0.5, layers=(1,))
+    with torch.no_grad():
+        want = plain(**inputs).logits
+        with pytest.warns(libra_fx.LibraFallbackWarning, match=r"sample\(s\) \[1\] of this batch are all padding"):
+            got = model(**inputs).logits
+    assert torch.equal(got, want)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -104,3 +106,23 @@ def test_generate_on_a_compiled_module_warns_that_nothing_is_compressed():
         optimized.generate
     with pytest.warns(UserWarning, match="runs the UNCOMPILED model"):
         torch.compile(model, backend="libra").generate
+
+
+def test_a_sweep_of_many_compiled_models_compresses_every_one():
+    """Issue 14, case 3: Dynamo keeps ``recompile_limit`` (8) compiled versions per code object, and every
+    transformers forward shares its outermost one; a plain ``torch.compile`` baseline and a sweep of fresh
+    models in one process used to send the ninth model to eager, uncompressed. Each compiled model now has
+    a code object of its own. (The limit is lowered to 1 here, so that the baseline alone spends it.)"""
+    torch._dynamo.reset()
+    baseline = tiny_llava()
+    baseline.forward = torch.compile(baseline.forward, backend="eager")
+    inputs = tiny_llava_inputs(baseline, batch=1)
+    with torch._dynamo.config.patch(recompile_limit=1), torch.no_grad():
+        baseline(**inputs)
+        baseline(**tiny_llava_inputs(baseline, batch=2))  # past the limit: this frame now runs eagerly
+        for ratio in (0.25, 0.5, 0.75):
+            model = libra_fx.compile(tiny_llava(), compiler="eager", method="fastv", ratio=ratio, layers=(1,))
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", libra_fx.LibraFallbackWarning)
+                length = model(**inputs).logits.shape[1]
+            assert length == inputs["input_ids"].shape[1] - round(36 * ratio), ratio

@@ -240,3 +240,51 @@ def test_llava_next_ragged_batch_generates_as_each_sample_alone(method):
     for b, (want_tokens, want_logits) in enumerate(wants):
         assert torch.equal(tokens[b:b + 1], want_tokens)
         assert_matches(logits[b:b + 1], torch.stack(want_logits, 1), 1e-4)
+
+
+def test_llava_next_ragged_batch_outside_generate_decodes_as_each_sample_alone():
+    """Issue 14, case 4: ``model(**batch, use_cache=True)`` and then manual steps (one token, then a
+    3-token step) on the empty-slot cache, after each sample ran alone first (a graph compiled for a
+    uniform batch must not serve the ragged one). Against the oracle of each sample alone."""
+    cfg = dict(method="fastv", ratio=0.5, layers=TWO)
+    model = build("llava_next")
+    batch, alone = ragged_llava_next(model)
+    wants = [oracle_generate(model, **x, max_new_tokens=5, **cfg) for x in alone]
+    model = compiled(model, **cfg)
+    tokens = torch.cat([w[0] for w in wants])
+    with torch.no_grad():
+        for x in alone:
+            model(**x)
+        out = model(**batch, use_cache=True)
+        mask = torch.cat([batch["attention_mask"], torch.ones_like(tokens)], 1)
+        width = batch["attention_mask"].shape[1]
+        step = model(input_ids=tokens[:, :1], attention_mask=mask[:, :width + 1], past_key_values=out.past_key_values)
+        three = model(input_ids=tokens[:, 1:4], attention_mask=mask[:, :width + 4], past_key_values=out.past_key_values)
+    got = torch.cat([out.logits[:, -1:], step.logits, three.logits], 1)
+    for b, pad in enumerate((batch["attention_mask"] == 0).sum(1).tolist()):
+        assert pad == 0 or b == 1  # the second sample is the shorter, padded one
+        assert_matches(got[b:b + 1], torch.stack(wants[b][1][:5], 1), 1e-4)
+
+
+def test_llava_next_ragged_batch_with_beams_is_compressed_as_each_sample_alone():
+    """Issue 14, case 8: beam search repeats a ragged batch's samples; it is compressed (no fallback) and
+    each sample's beams equal those of the hook oracle on that sample alone."""
+    from libra_fx.conformance.oracle import HookOracle
+
+    cfg = dict(method="libra", ratio=0.5, layers=ONE)
+    plain = build("llava_next")
+    batch, alone = ragged_llava_next(plain)
+    model = compiled(build("llava_next"), **cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", libra_fx.LibraFallbackWarning)
+        tokens, logits = generate_beams(model, batch)
+    for b, x in enumerate(alone):
+        with HookOracle(plain, **cfg):
+            want_tokens, _ = generate_beams(plain, x)
+        assert torch.equal(tokens[b:b + 1], want_tokens)
+
+
+def generate_beams(model, inputs, n=3):
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=n, num_beams=2, do_sample=False, return_dict_in_generate=True)
+    return out.sequences[:, -n:], out.sequences_scores

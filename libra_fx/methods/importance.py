@@ -28,13 +28,13 @@ def last_query_index(mask: torch.Tensor | None, batch: int, length: int) -> torc
     """Index of each sample's last non-padding token ``[B]``.
 
     A token is padding iff it may not attend to itself (the mask's diagonal); without a mask
-    (pure causal attention) it is the last position.
+    (pure causal attention), or in a sample that is all padding, it is the last position.
     """
     if mask is None:
         return torch.full((batch,), length - 1, dtype=torch.long)
     diag = mask_allows(mask).diagonal(dim1=-2, dim2=-1)[:, 0].expand(batch, length)
     ranks = torch.arange(length, device=diag.device).expand(batch, length)
-    return torch.where(diag, ranks, -1).amax(-1)
+    return torch.where(diag, ranks, -1).amax(-1).where(diag.any(-1), length - 1)
 
 
 def last_row_importance(
@@ -47,7 +47,7 @@ def last_row_importance(
     q = query.gather(2, last[:, None, None, None].expand(b, h, 1, d)).float()
     k = key.float().repeat_interleave(h // key.shape[1], dim=1)
     scores = (q @ k.transpose(-1, -2)) * scale  # [B, H, 1, T]
-    if mask is not None:
+    if mask is not None:  # a sample that is all padding has no allowed column: its row is left unmasked
         row = mask.expand(b, -1, t, t).gather(2, last[:, None, None, None].expand(b, mask.shape[1], 1, t))
-        scores = scores + additive(row)
+        scores = scores + additive(row).where(mask_allows(row).any(-1, keepdim=True), 0.0)
     return torch.softmax(scores, dim=-1).mean(1)[:, 0]

@@ -2,14 +2,19 @@
 
 After compression the layers past a stage cache fewer keys than the layers before it, but
 transformers builds one decode mask for every layer, as long as layer 0's cache. Left padding
-(what ``generate`` uses) stays in front after compression — padding is text, never merged — so
-the mask of a shorter cache is the first ``kv_len`` columns of that mask::
+(what ``generate`` uses) stays in front after compression — padding is text, never merged — and
+every other past column is visible to the step's queries, so a shorter cache's mask is the
+first ``kv_len − q`` columns of that mask followed by its last ``q`` (the step's own, causal)::
 
-    full mask   [B, 1, 1, T + n]   0 0 1 1 1 1 1 1 1 1 1     (2 pads, prompt T, n new tokens)
-    layer > L   [B, 1, 1, T' + n]  0 0 1 1 1 1 1             first T' + n columns
+    full mask   [B, 1, q, T + n + q]   0 0 1 1 1 1 1 1 1 1 | 1 0 0   (2 pads, prompt T, n cached,
+                                       0 0 1 1 1 1 1 1 1 1 | 1 1 0    q = 3 new tokens)
+                                       0 0 1 1 1 1 1 1 1 1 | 1 1 1
+    layer > L   [B, 1, q, T' + n + q]  0 0 1 1 1 1 | 1 0 0           first T' + n columns, last q
+                                       0 0 1 1 1 1 | 1 1 0
+                                       0 0 1 1 1 1 | 1 1 1
 
 ``libra|sdpa`` (and ``libra|eager``, ``libra|flash_attention_2``, …) wrap the model's own function and
-take those columns; everything else is unchanged. They are registered with transformers'
+fit the mask so; everything else is unchanged. They are registered with transformers'
 ``AttentionInterface`` / ``AttentionMaskInterface`` (public extension points, no patching).
 """
 
@@ -24,17 +29,21 @@ from transformers.masking_utils import AttentionMaskInterface
 PREFIX = "libra|"
 
 
-def fit_mask_to_cache(mask: torch.Tensor | None, key: torch.Tensor, empty: torch.Tensor | None = None):
-    """The first ``key.shape[-2]`` columns of a ``[B, h, q, kv]`` (or ``[B, kv]``) mask, left padding
-    assumed. ``empty[b]`` (``[B]``) shifts sample ``b``'s columns right by that many masked
+def fit_mask_to_cache(mask: torch.Tensor | None, key: torch.Tensor, empty: torch.Tensor | None = None, queries: int = 1):
+    """Fit a ``[B, h, q, kv]`` (or ``[B, kv]``) mask to a cache of ``key.shape[-2]`` entries: its first
+    ``kv − queries`` columns (the past, left padding assumed) and its last ``queries`` (this step's
+    tokens). ``empty[b]`` (``[B]``) shifts sample ``b``'s past columns right by that many masked
     columns: the empty slots a batch of unequal visual-token counts put in front (see
     :func:`libra_fx.sequence.splice.compress_visual_tokens`)."""
     kv = key.shape[-2]
     if mask is None or mask.dim() not in (2, 4) or mask.shape[-1] == kv:
         return mask
+    past = kv - queries
+    column = torch.arange(kv, device=mask.device)
+    column = torch.where(column < past, column, column + (mask.shape[-1] - kv))  # [kv]: the step's own at the end
     if empty is None:
-        return mask[..., :kv]
-    column = torch.arange(kv, device=mask.device) - empty.to(mask.device)[:, None]  # [B, kv]
+        return mask.index_select(-1, column)
+    column = torch.where(column < past, column - empty.to(mask.device)[:, None], column)  # [B, kv]
     column = column.reshape(column.shape[0], *[1] * (mask.dim() - 2), kv)
     shifted = mask.gather(-1, column.clamp_min(0).expand(*mask.shape[:-1], kv))
     hidden = torch.zeros((), dtype=mask.dtype) if mask.dtype in (torch.bool, torch.long, torch.int) else \
@@ -45,7 +54,8 @@ def fit_mask_to_cache(mask: torch.Tensor | None, key: torch.Tensor, empty: torch
 def _wrap(forward):
     def attention(module, query, key, value, attention_mask, *args, libra_empty_slots=None, **kwargs):
         empty = None if libra_empty_slots is None else libra_empty_slots[module.layer_idx]
-        return forward(module, query, key, value, fit_mask_to_cache(attention_mask, key, empty), *args, **kwargs)
+        mask = fit_mask_to_cache(attention_mask, key, empty, query.shape[-2])
+        return forward(module, query, key, value, mask, *args, **kwargs)
 
     attention.__name__ = f"libra_{getattr(forward, '__name__', 'attention')}"
     return attention

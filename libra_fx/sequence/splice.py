@@ -151,7 +151,8 @@ def _assemble_per_sample(groups, b, d, empty, dropped):
     parts = [_pieces(g) for g in groups]
     per_sample = []
     for i in range(b):
-        mine = [[p[j][torch.tensor([u == i for u in g["units"]])] for p, g in zip(parts, groups)] for j in range(4)]
+        rows = [torch.tensor([k for k, u in enumerate(g["units"]) if u == i], dtype=torch.long) for g in groups]
+        mine = [[p[j][r.to(p[j].device)] for p, r in zip(parts, rows)] for j in range(4)]  # (integer rows: a static shape)
         per_sample.append([torch.cat([x.reshape(-1, *x.shape[2:]) for x in xs]) for xs in mine])
     sizes = [e + x[0].shape[0] for e, x in zip(empty, per_sample)]
     width = _reduce(max, torch.sym_max, sizes)
