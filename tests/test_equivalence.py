@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import libra_fx
 from libra_fx import DECODER_METHODS
 from libra_fx.testing import tiny_llava, tiny_llava_inputs
 from harness import ReusedTrace
@@ -114,3 +115,21 @@ def test_graph_breaks_still_compress(models, run_backend):
     assert sum(r.compressed for r in be.records) == 1
     assert all("no visual tokens" in r.reason for r in be.records if not r.compressed)
     assert_matches_oracle(logits, model, inputs, 1e-5, **cfg)
+
+
+@pytest.mark.parametrize("method", ["libra", "fastv"])
+def test_two_adjacent_images_are_two_spans(method):
+    """Issue 14, case 5 (contract §1: a span is one image): two images with no text between them form one
+    run of 72 placeholders, compressed as two spans of 36, as the oracle does; one span of 72 differs."""
+    cfg = dict(method=method, ratio=0.5, layers=(1,))
+    model = tiny_llava()
+    inputs = tiny_llava_inputs(model, images=2)
+    cut = 5 + 36  # prefix, image 1; then 3 text tokens that go
+    inputs["input_ids"] = torch.cat([inputs["input_ids"][:, :cut], inputs["input_ids"][:, cut + 3:]], 1)
+    want, _ = oracle_logits(model, **inputs, **cfg)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = torch.compile(model.forward, backend=libra_fx.backend(compiler="eager", **cfg))(**inputs).logits
+    if method == "fastv":  # 18 of each 36 kept (libra's compensation token depends on the merges)
+        assert got.shape[1] == inputs["input_ids"].shape[1] - 36
+    assert (got[:, -1] - want).abs().max().item() <= 1e-5
