@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 import libra_fx
 
 from libra_fx.methods.compressors import assign_groups, average, igm, prune
+from libra_fx.methods.grouped import group_softmax_sum
 from libra_fx.sequence.gather import gather_mask, gather_tokens
 from libra_fx.sequence.splice import compress_visual_tokens
 from libra_fx.methods import DECODER_METHODS, METHODS, get_method
@@ -349,6 +350,24 @@ def test_a_target_always_belongs_to_its_own_group():
     hidden = t([[[1.0, 0.0], [2.0, 0.0], [1.0, 0.0]]])
     group, _ = assign_groups(hidden, torch.tensor([[0, 2]]))
     assert group.tolist() == [[0, 0, 1]]
+
+
+def test_group_softmax_sum_by_hand():
+    # Two spans, G = 2, group 2 = no group. Span 0: group 0 = {0, 2}, logits (0, ln 3) -> weights
+    # (1/4, 3/4); group 1 = {1}; token 3 in none. Span 1: group 0 = {3}, group 1 = {0, 1, 2}, equal logits.
+    hidden = t([[[4.0, 0.0], [1.0, 1.0], [0.0, 8.0], [100.0, 100.0]],
+                [[3.0, 0.0], [0.0, 3.0], [3.0, 3.0], [5.0, -5.0]]])
+    logits = t([[0.0, 7.0, math.log(3.0), 9.0], [2.0, 2.0, 2.0, -1.0]])
+    group = torch.tensor([[0, 1, 0, 2], [1, 1, 1, 0]])
+    close(group_softmax_sum(hidden, logits, group, 2), [[[1.0, 6.0], [1.0, 1.0]], [[5.0, -5.0], [2.0, 2.0]]])
+
+
+def test_group_softmax_sum_gradients():
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 5, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    logits = torch.randn(2, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    group = torch.tensor([[0, 1, 0, 3, 2], [2, 2, 1, 0, 1]])  # 3: no group
+    assert torch.autograd.gradcheck(lambda h, a: group_softmax_sum(h, a, group, 3), (hidden, logits))
 
 
 # ---- layout: hand cases ----------------------------------------------------------------------

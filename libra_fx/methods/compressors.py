@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from libra_fx.methods.grouped import group_softmax_sum
 from libra_fx.methods.selectors import cosine_matrix, gather_rows, one_hot_targets
 
 
@@ -42,7 +43,7 @@ def igm_labels(hidden: torch.Tensor, targets: torch.Tensor, tau: float, merge_po
 
 
 def _weighted_sum(hidden: torch.Tensor, logits: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
-    """``Σ_j softmax_j(logits over members) · H[j]`` for a member mask ``[S, G, N]``."""
+    """``Σ_j softmax_j(logits over members) · H[j]`` for a member mask ``[S, 1, N]`` (one row: dense is cheapest)."""
     weights = torch.softmax(logits[:, None, :].masked_fill(~member, float("-inf")), dim=-1)
     return weights @ hidden
 
@@ -55,8 +56,7 @@ def prune(hidden: torch.Tensor, alpha: torch.Tensor, targets: torch.Tensor) -> t
 def average(hidden: torch.Tensor, alpha: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Turbo-style merge: every token joins its most similar target; ``m_i`` is the group mean."""
     group, _ = assign_groups(hidden, targets)
-    member = group[:, None, :] == torch.arange(targets.shape[1], device=group.device)[None, :, None]
-    return (member.to(hidden.dtype) @ hidden) / member.sum(-1, keepdim=True).to(hidden.dtype)
+    return group_softmax_sum(hidden, torch.zeros_like(alpha), group, targets.shape[1])  # equal weights
 
 
 def igm(
@@ -80,8 +80,7 @@ def igm(
     scale = alpha.mean(-1, keepdim=True) if eta == "mean" else torch.full_like(alpha[:, :1], float(eta))
     logits = alpha / scale.clamp_min(torch.finfo(alpha.dtype).tiny)  # mean(α) = 0: uniform weights (§4)
 
-    in_group = labels[:, None, :] == torch.arange(nt, device=labels.device)[None, :, None]
-    merged = _weighted_sum(hidden, logits, in_group)
+    merged = group_softmax_sum(hidden, logits, torch.where(labels >= 0, labels, nt), nt)  # negatives: no group
     if not compensation:
         return merged
 
