@@ -16,6 +16,10 @@ family subclasses it (or instantiates it) and provides:
 - ``vision_methods``: whether its tower has the [CLS] token the vision-side methods need;
   ``projector``: the name of the module that maps the tower's features to the decoder's width
   (the vision-side methods merge at its input);
+- ``check_stage_layers(config, layers)``: ``ValueError`` for a stage layer the family cannot compress
+  after; the generic rule: a stage layer must hold softmax attention (hybrid decoders' ``layer_types``);
+- ``symbolic_length``: whether its decoder derives sizes from the sequence length (MoE routing rows,
+  convolution or chunk padding): ``libra_fx.compile`` then keeps the length symbolic from the first call;
 - ``prepare_forward(model, kwargs)``: anything computed before the compiled forward;
 - ``install_shims(model)``: per-instance shims (default: the feature-count message below);
 - ``graph_break_hint``: what to tell a user whose graph break cut the visual tokens off the decoder;
@@ -31,6 +35,9 @@ import contextlib
 from dataclasses import dataclass, field
 
 import torch
+
+
+SOFTMAX_ATTENTION = frozenset({"full_attention", "sliding_attention", "chunked_attention"})  # transformers' layer_types
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,18 @@ class FamilyAdapter:
     stand_in: str = ""
     frames: int = 4
     tiles: int = 0
+    symbolic_length: bool = False
+
+    def check_stage_layers(self, config, layers: tuple[int, ...]) -> None:
+        """``ValueError`` for a stage layer that holds no softmax attention (contract §9): the importance
+        row is a row of its attention. Hybrid decoders name each layer's kind in ``layer_types``."""
+        kinds = getattr(config.get_text_config(), "layer_types", None) or ()
+        attention = [i for i, kind in enumerate(kinds) if kind in SOFTMAX_ATTENTION]
+        wrong = [layer for layer in layers if layer < len(kinds) and layer not in attention]
+        if wrong:
+            raise ValueError(
+                f"layer {wrong[0]} of {self.name} is a {kinds[wrong[0]]!r} layer, without the softmax attention "
+                f"that scores the visual tokens; stage layers must be attention layers: {attention} (got layers={layers})")
 
     def refused_inputs(self, kwargs: dict) -> str | None:
         """Why this call's inputs are not compressed (``None``: they are): a modality not in ``modalities``."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 _BIDIRECTIONAL = "image tokens attend to each other in both directions (not a causal mask): issue #16"
 _MARKERS = "text marker tokens inside an image's placeholders (rows or tiles) split its span: issue #16"
-_DEEPSTACK = "DeepStack: visual features are added again inside early decoder layers: issue #16"
 _QFORMER = "a Q-Former's query tokens stand for the image: no adapter yet"
 _NOT_IMAGE_TEXT = "not an image-to-text decoder LM"
 
@@ -17,7 +16,7 @@ REASONS: dict[str, str] = {
     "bidirectional): issue #16", "gemma3n": _BIDIRECTIONAL, "gemma4": _BIDIRECTIONAL, "gemma4_unified": _BIDIRECTIONAL,
     "mistral3": _MARKERS, "idefics2": _MARKERS, "idefics3": _MARKERS, "smolvlm": _MARKERS, "granite_docling": _MARKERS,
     "lfm2_vl": _MARKERS + " (LFM2's convolution layers also mix tokens)", "lfm3_vl": _MARKERS,
-    "qwen3_vl": _DEEPSTACK, "qwen3_vl_moe": _DEEPSTACK, "qwen3_5": "gated delta-net (linear attention) layers "
+    "qwen3_5": "gated delta-net (linear attention) layers "
     "hold no KV cache to shorten: issue #16", "qwen3_5_moe": "gated delta-net layers: issue #16",
     "llama4": "chunked attention and interleaved image tiles: issue #16",
     "mllama": "cross-attention LM: images are keys of cross-attention layers, not tokens of the sequence",
