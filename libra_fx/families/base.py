@@ -25,8 +25,8 @@ family subclasses it (or instantiates it) and provides:
 - ``graph_break_hint``: what to tell a user whose graph break cut the visual tokens off the decoder;
 - for ``libra-fx families`` (:mod:`libra_fx.conformance`): ``model_types`` (the keys of transformers'
   auto mappings), ``tiny`` (overrides of the generic tiny config), ``modalities``, ``stand_in`` (what a
-  tiny model replaces, e.g. a timm tower), and how an example prompt is made: ``vision_inputs``,
-  ``wrap_placeholders`` and ``complete_inputs``.
+  tiny model replaces, e.g. a timm tower) and ``adapt_tiny`` (fix-ups of the tiny model), and how an
+  example prompt is made: ``vision_inputs``, ``wrap_placeholders`` and ``complete_inputs``.
 """
 
 from __future__ import annotations
@@ -101,16 +101,27 @@ class FamilyAdapter:
     def install_shims(self, model) -> None:
         skip_feature_count_message(model)
 
+    def adapt_tiny(self, model) -> None:
+        """What the conformance's tiny random model of this family needs besides its config (``stand_in``
+        says what); never applied to a user's model."""
+
     @contextlib.contextmanager
     def without_shims(self, model):
         """The model as transformers made it, for as long as the block runs (its own error messages)."""
-        base = getattr(model, "model", None)
-        shim = vars(base).pop("get_placeholder_mask", None) if base is not None else None
+        base = placeholder_owner(model)
+        shim = vars(base).pop("get_placeholder_mask", None)
         try:
             yield model
         finally:
             if shim is not None:
                 base.get_placeholder_mask = shim
+
+
+def placeholder_owner(model):
+    """The module whose ``get_placeholder_mask`` the forward calls: the inner ``…Model``, or the model itself
+    (Llama4 has no inner one)."""
+    inner = getattr(model, "model", None)
+    return inner if hasattr(inner, "get_placeholder_mask") else model
 
 
 def _pixels(model, shape, gen) -> torch.Tensor:
@@ -150,7 +161,7 @@ def skip_feature_count_message(model) -> None:
     size makes Dynamo specialise it, so every image size would recompile. On this model instance
     the features are handed over as :class:`_FeatureCount`: the same check, a constant message.
     """
-    base = getattr(model, "model", None)
+    base = placeholder_owner(model)
     method = getattr(base, "get_placeholder_mask", None)
     if method is None or getattr(method, "libra_fx", False):
         return

@@ -9,7 +9,7 @@ position ids before the graph as for Qwen2-VL.
 the ``j``-th to the hidden states at the visual positions right after decoder layer ``j``, for the first
 ``len(deepstack_visual_indexes)`` layers. A stage before the last of them is refused (``ValueError``
 naming the first layer allowed, contract §1): its later injections would need the same merge weights
-(:meth:`Qwen3VLAdapter.check_stage_layers`). ``transformers`` adds them with a boolean index
+(:meth:`DeepStackAdapter.check_stage_layers`). ``transformers`` adds them with a boolean index
 (``hidden[mask] + features``), a data-dependent shape that breaks the graph between decoder layers;
 the shim :func:`add_deepstack_features` adds the same values without one.
 """
@@ -37,12 +37,19 @@ def add_deepstack_features(self, hidden_states: torch.Tensor, visual_pos_masks: 
 
 
 @dataclass(frozen=True)
-class Qwen3VLAdapter(MRopeAdapter):
+class Qwen3Adapter(MRopeAdapter):
+    """Qwen2-VL's inputs and an interleaved M-RoPE; videos are refused (a timestamp before each frame)."""
+
     def refused_inputs(self, kwargs: dict) -> str | None:
         if kwargs.get("pixel_values_videos") is not None:
             return (f"{self.name} videos are not compressed yet: a timestamp (text) sits before each frame, so a "
                     "video's placeholders are not one contiguous span (contract §1)")
         return None
+
+
+@dataclass(frozen=True)
+class DeepStackAdapter(Qwen3Adapter):
+    """Qwen3-VL's DeepStack layers: stages after them only, the injections added without a data-dependent shape."""
 
     def check_stage_layers(self, config, layers: tuple[int, ...]) -> None:
         super().check_stage_layers(config, layers)
@@ -79,8 +86,8 @@ _TINY = dict(text_config=dict(rope_parameters={"rope_type": "default", "mrope_se
 _QWEN3 = dict(_COMMON, span_notes=_SPANS, modalities=("image",), tiny=_TINY,
               graph_break_hint=_HINT.replace("Qwen2-VL", "Qwen3-VL"))
 
-QWEN3_VL = Qwen3VLAdapter("Qwen3-VL", ("Qwen3VLForConditionalGeneration", "Qwen3VLModel"), ("modeling_qwen3_vl",),
+QWEN3_VL = DeepStackAdapter("Qwen3-VL", ("Qwen3VLForConditionalGeneration", "Qwen3VLModel"), ("modeling_qwen3_vl",),
                           model_types=("qwen3_vl",), **_QWEN3)
-QWEN3_VL_MOE = Qwen3VLAdapter("Qwen3-VL-MoE", ("Qwen3VLMoeForConditionalGeneration", "Qwen3VLMoeModel"),
+QWEN3_VL_MOE = DeepStackAdapter("Qwen3-VL-MoE", ("Qwen3VLMoeForConditionalGeneration", "Qwen3VLMoeModel"),
                               ("modeling_qwen3_vl_moe",), model_types=("qwen3_vl_moe",), symbolic_length=True,
                               **_QWEN3)

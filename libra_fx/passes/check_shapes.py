@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import sympy
 import torch
+from torch._dispatch.python import enable_python_dispatcher
 from torch._subclasses.fake_tensor import FakeTensor
 
 from libra_fx.errors import UnsupportedGraph
@@ -42,7 +43,7 @@ class _PropagateRewritten(torch.fx.Interpreter):
     def run_node(self, n):
         if n.op == "placeholder" or not (n in self.changed or n.meta.get(INSERTED) or n.op == "output"):
             return value(n)
-        with self.mode:
+        with self.mode, enable_python_dispatcher():  # as Dynamo traced it (symbolic pads, …)
             result = super().run_node(n)
         n.meta["val"] = result
         return result

@@ -8,6 +8,10 @@ the mask of a shorter cache is the first ``kv_len`` columns of that mask::
     full mask   [B, 1, 1, T + n]   0 0 1 1 1 1 1 1 1 1 1     (2 pads, prompt T, n new tokens)
     layer > L   [B, 1, 1, T' + n]  0 0 1 1 1 1 1             first T' + n columns
 
+Where the first full-attention layer comes after a stage (Llama4's follow chunked-attention layers),
+transformers builds the full-attention mask from that layer's shorter cache instead: its columns are
+that cache's entries, left padding still in front, and the same rule applies.
+
 ``libra|sdpa`` (and ``libra|eager``, ``libra|flash_attention_2``, …) wrap the model's own function and
 take those columns; everything else is unchanged. They are registered with transformers'
 ``AttentionInterface`` / ``AttentionMaskInterface`` (public extension points, no patching).
@@ -30,8 +34,8 @@ def fit_mask_to_cache(mask: torch.Tensor | None, key: torch.Tensor, empty: torch
     columns: the empty slots a batch of unequal visual-token counts put in front (see
     :func:`libra_fx.sequence.splice.compress_visual_tokens`)."""
     kv = key.shape[-2]
-    if mask is None or mask.dim() not in (2, 4) or mask.shape[-1] == kv:
-        return mask
+    if mask is None or mask.dim() not in (2, 4) or mask.shape[-1] == kv and empty is None:
+        return mask  # (a mask as long as the cache may still need shifting: built from a compressed cache, Llama4's)
     if empty is None:
         return mask[..., :kv]
     column = torch.arange(kv, device=mask.device) - empty.to(mask.device)[:, None]  # [B, kv]
