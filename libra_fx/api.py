@@ -15,6 +15,7 @@ from its prefill lives in the model's :class:`~libra_fx.state.ModelState` (``mod
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import types
@@ -40,6 +41,13 @@ RECOMPILE_LIMIT = 64
 def num_decoder_layers(model) -> int:
     config = getattr(model.config, "text_config", model.config)
     return config.num_hidden_layers
+
+
+def check_layers(model, family, config: CompressionConfig) -> None:
+    """``ValueError`` for a stage layer beyond the decoder, or one the family cannot compress after."""
+    config.check_layers(num_decoder_layers(model))
+    if config.active:
+        family.check_stage_layers(model.config, config.layers)
 
 
 def compile(model, ratio=0.5, layers=(7, 15, 23), method="libra", tau=None, eta=None, strict=False, *,
@@ -69,7 +77,7 @@ def compile(model, ratio=0.5, layers=(7, 15, 23), method="libra", tau=None, eta=
     if family is None:
         model.forward = _mark(torch.compile(model.forward, backend=be, fullgraph=fullgraph), be, fullgraph)
         return model
-    be.config.check_layers(num_decoder_layers(model))
+    check_layers(model, family, be.config)
     be.state.attention = use_libra_attention(model).removeprefix(PREFIX)
     family.install_shims(model)
     eager_forward = model.forward
@@ -87,7 +95,8 @@ def compile(model, ratio=0.5, layers=(7, 15, 23), method="libra", tau=None, eta=
         static_batch(args, kwargs)
         try:
             with torch._dynamo.config.patch(capture_scalar_outputs=True,  # no break at feature-count checks
-                                            recompile_limit=max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)):
+                                            recompile_limit=max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)), \
+                    symbolic_length(args, kwargs) if family.symbolic_length else contextlib.nullcontext():
                 out = compiled(*args, **kwargs)
         except RuntimeError as error:
             if "Runtime assertion failed" in str(error):
@@ -141,7 +150,7 @@ def _reconfigure(model, config: CompressionConfig, strict: bool, compiler: str, 
         raise ValueError(f"libra_fx.compile: this model was compiled for {be.config.method!r}; switching between "
                          "decoder-side and vision-side methods changes the forward itself: compile a fresh model")
     if be.state.family is not None:
-        config.check_layers(num_decoder_layers(model))
+        check_layers(model, be.state.family, config)
     be.reconfigure(config, strict, compiler)
     be.state.strict = strict
     return model
@@ -157,6 +166,41 @@ def static_batch(args: tuple, kwargs: dict) -> None:
     for value in (*args[:1], *kwargs.values()):
         if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == ids.shape[0]:
             torch._dynamo.mark_static(value, 0)
+
+
+TOKEN_INPUTS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "token_type_ids", "mm_token_type_ids")
+
+
+@contextlib.contextmanager
+def symbolic_length(args: tuple, kwargs: dict):
+    """Keep the prompt length symbolic from the first call on, for as long as the block runs (the
+    families whose decoders derive sizes from it: ``FamilyAdapter.symbolic_length``).
+
+    The per-token inputs' length dimension (``input_ids``' dim 1, ``position_ids``' last, …) is marked
+    dynamic, and so is every tensor dimension and int of that value that Dynamo meets while the block
+    runs (``torch.compiler.config.dynamic_values``): after a graph break (a vision tower's), the
+    embeddings reach the decoder's graph as a new input, which would otherwise be static. Every size
+    the graph derives from the length (``E·T`` routing rows, ``T + k − 1`` convolution lengths, chunk
+    padding) is then an expression of one symbol, which the passes rewrite for the shorter sequence,
+    and no other dimension of the same value (``head_dim``) can be taken for it. Dynamo may still
+    specialise the length (no error): such a graph is rewritten as a static one. Other families compile
+    their first prompt with static shapes: symbolic shapes cost the passes' shape check about ten times
+    as much, and their graphs turn symbolic at the second prompt length anyway.
+    """
+    ids = prompt_tokens(args, kwargs)
+    if ids is None or ids.dim() < 2 or ids.shape[1] < 2:  # nothing to compress in a decode step
+        yield
+        return
+    named = dict(kwargs, input_ids=ids)
+    for name in TOKEN_INPUTS:
+        value = named.get(name)
+        if not isinstance(value, torch.Tensor) or value.dim() < 2 or name == "attention_mask" and value.dim() != 2:
+            continue  # (a 4-D mask of the caller's own is left as it is)
+        dim = 1 if name == "inputs_embeds" else value.dim() - 1
+        if value.shape[dim] == ids.shape[1]:
+            torch._dynamo.maybe_mark_dynamic(value, dim)
+    with torch.compiler.config.patch(dynamic_values=str(ids.shape[1])):
+        yield
 
 
 def explain_failed_check(family, model, forward, args: tuple, kwargs: dict, error: RuntimeError) -> None:

@@ -168,7 +168,7 @@ def test_a_video_of_a_family_without_video_spans_is_refused_by_name():
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("model_type", ["mllama", "idefics3", "qwen3_vl", "ovis2"])
+@pytest.mark.parametrize("model_type", ["mllama", "idefics3", "qwen3_5", "ovis2"])
 def test_a_refused_class_warns_and_equals_the_plain_model(model_type):
     """Rows without an adapter: compiled uncompressed, named in the warning, output that of a plain torch.compile
     (``libra-fx families`` runs this on every refused row that builds)."""

@@ -61,7 +61,7 @@ def tiny_model(family, seed: int = 0, attn: str = "sdpa"):
     config = tiny_config(family.model_types[0], family.tiny, attn)
     torch.manual_seed(seed)
     model = getattr(transformers, family.classes[0])(config).eval()
-    family.tiny_weights(model)
+    family.adapt_tiny(model)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model
@@ -91,14 +91,15 @@ class _Session:
         torch._dynamo.reset()
         self.family, self.seed = family, seed
         self.reference = tiny_model(family, seed)
-        window = getattr(self.reference.config.get_text_config(), "sliding_window", None)
+        text = self.reference.config.get_text_config()
+        window = getattr(text, "sliding_window", None) or getattr(text, "attention_chunk_size", None)
 
         def inputs(b, text_len=None):
             return example_inputs(self.reference, family, b, pad=(0, 3) if b == 2 else (), seed=seed, token=token,
                                   text_len=text_len)
 
-        # prefill prompts longer than a sliding window (contract §5); generate within it (decode past the
-        # window on a compressed cache is refused)
+        # prefill prompts longer than a sliding window or an attention chunk (contract §5); generate within it
+        # (decode past the window on a compressed cache is refused)
         self.inputs = {b: inputs(b, window) for b in (1, 2)}
         self.short = {b: inputs(b) for b in (1, 2)} if window else self.inputs
         self.models: dict[str, object] = {}

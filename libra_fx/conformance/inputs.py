@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from libra_fx.conformance.tiny import PAD
+from libra_fx.families.base import placeholder_owner
 from libra_fx.testing import left_padded
 
 TEXT_IDS = (3, 100)  # text token ids are drawn from this range; special ids start at 100
@@ -27,7 +28,7 @@ class _Counted(Exception):
 def placeholders_per_sample(model, family, vision: dict, token: str) -> int:
     """How many ``token`` placeholders one sample of ``vision`` (inputs of batch 1) fills, counted by
     intercepting the model's own ``get_placeholder_mask`` (``token``: ``"image"`` or ``"video"``)."""
-    base = model.model
+    base = placeholder_owner(model)
 
     def count(input_ids, inputs_embeds, *features, **named):
         named = dict(zip(("image_features", "video_features"), features), **named)

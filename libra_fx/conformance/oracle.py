@@ -18,10 +18,14 @@ This is how hook-based compression tools work (e.g. ModelTC/LightCompress). Whil
 - a pre-hook on every later layer slices what that layer receives to the kept tokens: in prefill the
   position ids and RoPE tables (gathered by source), and the mask, rows and columns
   (``M'[q, k] = M[src q, src k]``; of two tokens with one source the earlier does not see the later,
-  indexed here, not with ``gather_mask``); in decode the mask's columns,
+  indexed here, not with ``gather_mask``; a hybrid decoder's linear-attention or convolution layer gets
+  a 2-D padding mask: its columns); in decode the mask's columns,
   to the sources of that layer's own (shorter) KV cache. The columns of transformers' decode mask are
   the last ``kv_len`` original positions, so sliding-window layers, whose caches keep only the last
-  ``window − 1`` entries, are served by the same rule: the window counts original positions.
+  ``window − 1`` entries, are served by the same rule: the window counts original positions. (Where the
+  first full-attention layer comes after a stage — Llama4's are after its chunked ones — transformers
+  builds the full-attention mask from that compressed cache: its columns are cache entries, and the
+  layer takes the first ``kv_len``, left padding in front, contract §8.)
 
 A span is a contiguous run of placeholder tokens (two images next to each other would be one span;
 the example prompts never do that). Every sample must keep the same count (no empty slots).
@@ -43,7 +47,8 @@ class HookOracle:
         self.text_config = getattr(config, "text_config", config)
         self.placeholders = {getattr(config, k) for k in ("image_token_id", "video_token_id", "image_token_index",
                                                           "video_token_index") if getattr(config, k, None) is not None}
-        self.decoder_layers = model.get_decoder().layers
+        decoder = model.get_decoder()  # (Llama4's is its causal LM, around the decoder)
+        self.decoder_layers = (decoder if hasattr(decoder, "layers") else decoder.model).layers
         self.handles = []
 
     # --- activation ------------------------------------------------------------------------------------------
@@ -165,7 +170,9 @@ class HookOracle:
     def _prefill_kwargs(self, kwargs: dict, sources: torch.Tensor) -> dict:
         out = dict(kwargs)
         mask = kwargs.get("attention_mask")
-        if mask is not None:
+        if mask is not None and mask.dim() == 2:  # the padding mask of a linear-attention or convolution layer
+            out["attention_mask"] = mask.gather(1, sources)
+        elif mask is not None:
             b = torch.arange(mask.shape[0])[:, None, None]
             gathered = mask[b, 0, sources[:, :, None], sources[:, None, :]][:, None]
             t = sources.shape[1]
@@ -176,8 +183,11 @@ class HookOracle:
             ids = kwargs["position_ids"]
             ids = ids.expand(*ids.shape[:-2], sources.shape[0], ids.shape[-1])  # [1, T]: one row for every sample
             out["position_ids"] = ids.gather(-1, sources.expand(*ids.shape[:-2], *sources.shape))
-        if kwargs.get("position_embeddings") is not None:
-            out["position_embeddings"] = tuple(_gather_tokens(x, sources) for x in kwargs["position_embeddings"])
+        rope = kwargs.get("position_embeddings")
+        if isinstance(rope, torch.Tensor):  # one complex table (Llama4's)
+            out["position_embeddings"] = _gather_tokens(rope, sources)
+        elif rope is not None:
+            out["position_embeddings"] = tuple(_gather_tokens(x, sources) for x in rope)
         return out
 
     def _kept_by_cache(self, index: int, sources: torch.Tensor, kwargs: dict) -> torch.Tensor:
@@ -188,13 +198,17 @@ class HookOracle:
     def _decode_kwargs(self, index: int, kwargs: dict, steps: int) -> dict:
         mask = kwargs.get("attention_mask")
         cache = _cache(kwargs)
-        end = cache.layers[0].get_seq_length()  # original positions so far (layer 0 holds the new ones already)
+        end = cache.get_seq_length()  # original positions so far (the first attention layer, not compressed, holds
+        # the new ones already)
         new = torch.arange(end - steps, end).expand(self.kv_sources[index].shape[0], steps)
         wanted = torch.cat([self.kv_sources[index], new], dim=1)
         window = getattr(cache.layers[index], "sliding_window", None)
         self.kv_sources[index] = wanted[:, -(window - 1):] if window else wanted
         if mask is None:
             return kwargs
+        if not window and mask.shape[-1] < end:  # built from a compressed layer's cache (the first full-attention
+            # layer comes after a stage): its columns are cache entries; left padding stays in front
+            return dict(kwargs, attention_mask=mask[..., :wanted.shape[1]])
         column = wanted - (end - mask.shape[-1])  # the mask's columns are the last kv_len positions
         b = torch.arange(mask.shape[0])[:, None, None]
         picked = mask[b, 0, torch.arange(steps)[None, :, None], column.clamp(min=0)[:, None, :]][:, None]

@@ -15,13 +15,17 @@ family subclasses it (or instantiates it) and provides:
 - ``vision_methods``: whether its tower has the [CLS] token the vision-side methods need;
   ``projector``: the name of the module that maps the tower's features to the decoder's width
   (the vision-side methods merge at its input);
+- ``check_stage_layers(config, layers)``: ``ValueError`` for a stage layer the family cannot compress
+  after; the generic rule: a stage layer must hold softmax attention (hybrid decoders' ``layer_types``);
+- ``symbolic_length``: whether its decoder derives sizes from the sequence length (MoE routing rows,
+  convolution or chunk padding): ``libra_fx.compile`` then keeps the length symbolic from the first call;
 - ``prepare_forward(model, kwargs)``: anything computed before the compiled forward;
 - ``install_shims(model)``: per-instance shims (default: the feature-count message below);
 - ``graph_break_hint``: what to tell a user whose graph break cut the visual tokens off the decoder;
 - for ``libra-fx families`` (:mod:`libra_fx.conformance`): ``model_types`` (the keys of transformers'
   auto mappings), ``tiny`` (overrides of the generic tiny config), ``modalities``, ``stand_in`` (what a
-  tiny model replaces, e.g. a timm tower), ``tiny_weights`` (weights a random init leaves degenerate),
-  and how an example prompt is made: ``vision_inputs``, ``wrap_placeholders`` and ``complete_inputs``.
+  tiny model replaces, e.g. a timm tower) and ``adapt_tiny`` (fix-ups of the tiny model, e.g. degenerate
+  random weights), and how an example prompt is made: ``vision_inputs``, ``wrap_placeholders`` and ``complete_inputs``.
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ import contextlib
 from dataclasses import dataclass, field
 
 import torch
+
+
+SOFTMAX_ATTENTION = frozenset({"full_attention", "sliding_attention", "chunked_attention"})  # transformers' layer_types
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,18 @@ class FamilyAdapter:
     stand_in: str = ""
     frames: int = 4
     tiles: int = 0
+    symbolic_length: bool = False
+
+    def check_stage_layers(self, config, layers: tuple[int, ...]) -> None:
+        """``ValueError`` for a stage layer that holds no softmax attention (contract §9): the importance
+        row is a row of its attention. Hybrid decoders name each layer's kind in ``layer_types``."""
+        kinds = getattr(config.get_text_config(), "layer_types", None) or ()
+        attention = [i for i, kind in enumerate(kinds) if kind in SOFTMAX_ATTENTION]
+        wrong = [layer for layer in layers if layer < len(kinds) and layer not in attention]
+        if wrong:
+            raise ValueError(
+                f"layer {wrong[0]} of {self.name} is a {kinds[wrong[0]]!r} layer, without the softmax attention "
+                f"that scores the visual tokens; stage layers must be attention layers: {attention} (got layers={layers})")
 
     def refused_inputs(self, kwargs: dict) -> str | None:
         """Why this call's inputs are not compressed (``None``: they are): a modality not in ``modalities``."""
@@ -73,9 +92,6 @@ class FamilyAdapter:
         """Inputs the model needs besides ids, mask and pixels (e.g. token types)."""
         return inputs
 
-    def tiny_weights(self, model) -> None:
-        """Re-draw, in place, the weights of a random-weight tiny model that its init leaves degenerate."""
-
     def prepare_forward(self, model, kwargs: dict) -> dict:
         """The keyword arguments of one ``forward`` call, completed before the compiled forward runs."""
         return kwargs
@@ -83,16 +99,27 @@ class FamilyAdapter:
     def install_shims(self, model) -> None:
         skip_feature_count_message(model)
 
+    def adapt_tiny(self, model) -> None:
+        """What the conformance's tiny random model of this family needs besides its config (``stand_in``
+        says what; e.g. weights its random init leaves degenerate); never applied to a user's model."""
+
     @contextlib.contextmanager
     def without_shims(self, model):
         """The model as transformers made it, for as long as the block runs (its own error messages)."""
-        base = getattr(model, "model", None)
-        shim = vars(base).pop("get_placeholder_mask", None) if base is not None else None
+        base = placeholder_owner(model)
+        shim = vars(base).pop("get_placeholder_mask", None)
         try:
             yield model
         finally:
             if shim is not None:
                 base.get_placeholder_mask = shim
+
+
+def placeholder_owner(model):
+    """The module whose ``get_placeholder_mask`` the forward calls: the inner ``…Model``, or the model itself
+    (Llama4 has no inner one)."""
+    inner = getattr(model, "model", None)
+    return inner if hasattr(inner, "get_placeholder_mask") else model
 
 
 def _pixels(model, shape, gen) -> torch.Tensor:
@@ -132,7 +159,7 @@ def skip_feature_count_message(model) -> None:
     size makes Dynamo specialise it, so every image size would recompile. On this model instance
     the features are handed over as :class:`_FeatureCount`: the same check, a constant message.
     """
-    base = getattr(model, "model", None)
+    base = placeholder_owner(model)
     method = getattr(base, "get_placeholder_mask", None)
     if method is None or getattr(method, "libra_fx", False):
         return

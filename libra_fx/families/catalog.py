@@ -9,7 +9,9 @@ from __future__ import annotations
 _PER_LAYER = ("per-layer input embeddings (a [B, T, layers, d] tensor read by every decoder layer) and layers "
               "that reuse an earlier layer's KV cache: no adapter yet")
 _MARKERS = "text marker tokens inside an image's placeholders (rows or tiles) split its span: issue #16"
-_DEEPSTACK = "DeepStack: visual features are added again inside early decoder layers: issue #16"
+_DELTANET = ("Gated DeltaNet (linear attention) layers scan the prompt in chunks of 64 tokens, a loop Dynamo unrolls "
+             "for the prompt's chunk count: after a stage they would need fewer chunks whenever the compressed length "
+             "falls below a multiple of 64, so the compressed graph does not hold (issue #16)")
 _QFORMER = "a Q-Former's query tokens stand for the image: no adapter yet"
 _NOT_IMAGE_TEXT = "not an image-to-text decoder LM"
 
@@ -17,10 +19,7 @@ REASONS: dict[str, str] = {
     "gemma3n": _PER_LAYER, "gemma4": _PER_LAYER,
     "gemma4_unified": "layers that reuse an earlier layer's KV cache (KV sharing): no adapter yet",
     "mistral3": _MARKERS, "idefics2": _MARKERS, "idefics3": _MARKERS, "smolvlm": _MARKERS, "granite_docling": _MARKERS,
-    "lfm2_vl": _MARKERS + " (LFM2's convolution layers also mix tokens)", "lfm3_vl": _MARKERS,
-    "qwen3_vl": _DEEPSTACK, "qwen3_vl_moe": _DEEPSTACK, "qwen3_5": "gated delta-net (linear attention) layers "
-    "hold no KV cache to shorten: issue #16", "qwen3_5_moe": "gated delta-net layers: issue #16",
-    "llama4": "chunked attention and interleaved image tiles: issue #16",
+    "lfm3_vl": _MARKERS, "qwen3_5": _DELTANET, "qwen3_5_moe": _DELTANET,
     "mllama": "cross-attention LM: images are keys of cross-attention layers, not tokens of the sequence",
     "idefics": "cross-attention LM (gated cross-attention to the images)",
     "blip-2": _QFORMER, "instructblip": _QFORMER, "instructblipvideo": _QFORMER,

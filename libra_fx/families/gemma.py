@@ -28,7 +28,7 @@ class Gemma3Adapter(FamilyAdapter):
     def complete_inputs(self, config, inputs):
         return dict(inputs, token_type_ids=(inputs["input_ids"] == config.image_token_id).long())
 
-    def tiny_weights(self, model):
+    def adapt_tiny(self, model):
         """The projector's weight starts at zero (every image token the same vector: merges decided by
         rounding); drawn like the other weights instead."""
         weight = model.model.multi_modal_projector.mm_input_projection_weight

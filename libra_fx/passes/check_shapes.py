@@ -5,6 +5,7 @@ Every original node in a stage's region must have its old shape with the sequenc
 
     view_9   [2, s27, 4, 16]  →  [2, s27 - 17, 4, 16]   ✓
     view_9   [1, 64, 2, 64]   →  [1, 40, 4, 40]          ✗ (a literal 64 was not a length)
+    arange_6 [4*s22]          →  [4*s22 - 68]            ✓ (a size derived from T: 4·T')
 
 A failure (an exception, or any other shape) makes the graph unsupported, so a rewrite that would
 silently compute something else is never compiled.
@@ -12,7 +13,9 @@ silently compute something else is never compiled.
 
 from __future__ import annotations
 
+import sympy
 import torch
+from torch._dispatch.python import enable_python_dispatcher
 from torch._subclasses.fake_tensor import FakeTensor
 
 from libra_fx.errors import UnsupportedGraph
@@ -40,21 +43,25 @@ class _PropagateRewritten(torch.fx.Interpreter):
     def run_node(self, n):
         if n.op == "placeholder" or not (n in self.changed or n.meta.get(INSERTED) or n.op == "output"):
             return value(n)
-        with self.mode:
+        with self.mode, enable_python_dispatcher():  # as Dynamo traced it (symbolic pads, …)
             result = super().run_node(n)
         n.meta["val"] = result
         return result
 
 
 def _expected(old: tuple, seq_len, new_len) -> tuple:
-    return tuple(new_len if is_size_like(s, seq_len) else s for s in old)
+    """``old`` with ``T`` replaced by ``T'``, also inside sizes derived from it (``4·T`` → ``4·T'``)."""
+    if not isinstance(seq_len, torch.SymInt) or not seq_len.node.expr.is_Symbol:
+        return tuple(new_len if is_size_like(s, seq_len) else s for s in old)
+    swap = {seq_len.node.expr: new_len.node.expr if isinstance(new_len, torch.SymInt) else new_len}
+    return tuple(s.node.expr.xreplace(swap) if isinstance(s, torch.SymInt) else s for s in old)
 
 
 def _same(a, b) -> bool:
-    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
-        expr = lambda x: x.node.expr if isinstance(x, torch.SymInt) else x  # noqa: E731
-        return bool((expr(a) - expr(b)).simplify() == 0)
-    return a == b
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    expr = lambda x: x.node.expr if isinstance(x, torch.SymInt) else sympy.sympify(x)  # noqa: E731
+    return bool((expr(a) - expr(b)).simplify() == 0)
 
 
 def run(ctx: RewriteContext) -> PassResult:

@@ -63,6 +63,11 @@ def descendants(start: fx.Node) -> set[fx.Node]:
     return _closure(start.users, lambda n: n.users)
 
 
+def descendants_of(first) -> set[fx.Node]:
+    """The nodes ``first`` and all nodes that (transitively) use them."""
+    return _closure(first, lambda n: n.users)
+
+
 def ancestors(start: fx.Node) -> set[fx.Node]:
     """All nodes that ``start`` (transitively) uses."""
     return _closure(start.all_input_nodes, lambda n: n.all_input_nodes)

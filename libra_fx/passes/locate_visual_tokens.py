@@ -6,8 +6,9 @@
     inputs_embeds_1 = inputs_embeds.masked_scatter(mask, feats)    # ← ctx.scatters (one per modality)
 
 A graph without such a node holds no visual tokens (``NothingToCompress``: compiled as it is),
-unless it takes pixel values and runs a causal decoder: then the visual tokens arrive in a way
-the passes cannot see, and the graph is unsupported.
+unless it takes pixel values and tokens and runs a causal decoder: then the visual tokens arrive in
+a way the passes cannot see, and the graph is unsupported. (A vision tower alone takes no tokens; its
+attention may have a padding mask, SigLIP2's.)
 """
 
 from __future__ import annotations
@@ -36,8 +37,10 @@ def find_visual_insertions(graph: fx.Graph) -> list[fx.Node]:
     scatters = [n for n in graph.nodes if target_name(n) == "masked_scatter"]
     if scatters:
         return scatters
-    takes_pixels = any(n.op == "placeholder" and "pixel" in n.name.lower() for n in graph.nodes)
-    if takes_pixels and has_causal_attention(graph):
+    inputs = [n.name.lower() for n in graph.find_nodes(op="placeholder")]
+    takes_pixels = any("pixel" in name for name in inputs)
+    takes_tokens = any("input_ids" in name or "inputs_embeds" in name for name in inputs)  # (not a tower alone)
+    if takes_pixels and takes_tokens and has_causal_attention(graph):
         raise UnsupportedGraph(
             "the graph takes pixel values and runs a causal decoder, but has no masked_scatter of visual "
             "features into the token embeddings, so the visual tokens cannot be located (unsupported architecture?)"

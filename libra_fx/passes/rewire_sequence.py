@@ -9,10 +9,21 @@ outside the region are rewired by what they are::
                                   multi-axis [R, B, T, d] tables of the families that declare R rows;
                                   ``positions`` is the stage's source unless it numbers tokens afresh)
     [.., T, T] attention mask  → gather_mask(mask, source)      (rows and columns at the sources)
+    sizes derived from T, and tensors made from sizes alone → computed again from T'
+                                  (``E·T`` routing rows, ``T + k − 1`` convolution lengths)
     parameters, buffers, anything without T → unchanged
 
     view_9 = linear_21.view((2, s27, -1, 16))        cos_4 = cos_2.unsqueeze(1)
   → view_9 = linear_21.view((2, length, -1, 16))   → cos_4 = gather_tokens(cos_2, source, 1).unsqueeze(1)
+
+    mul_63 = 4 * s22;  arange_6 = torch.arange(mul_63)              # (before the stage: sizes only)
+    inv_perm[perm] = arange_6
+  + mul_64 = 4 * length;  arange_7 = torch.arange(mul_64)
+  → inv_perm[perm] = arange_7
+
+With a symbolic length every derived size is an expression of its symbol. A static graph knows only
+ints: those equal to ``T`` are replaced, any other size derived from ``T`` is not (``check_shapes``
+then refuses the graph, and says to mark the length dynamic, as ``libra_fx.compile`` does).
 
 An input it cannot classify makes the graph unsupported. Because the regions of later stages
 lie inside earlier ones, a later stage re-gathers what an earlier one produced.
@@ -28,10 +39,10 @@ from torch.fx.node import map_aggregate
 
 from libra_fx.errors import UnsupportedGraph
 from libra_fx.passes.context import PassResult, RewriteContext, Stage
-from libra_fx.passes.fx_utils import INSERTED, ancestors, call, descendants, is_size_like, value
+from libra_fx.passes.fx_utils import INSERTED, ancestors, call, descendants, descendants_of, is_size_like, value
 from libra_fx.sequence.gather import gather_mask, gather_tokens
 
-HIDDEN, LENGTH, MASK, KEEP = "hidden", "length", "mask", "keep"
+HIDDEN, LENGTH, MASK, SIZES, KEEP = "hidden", "length", "mask", "sizes", "keep"
 WEIGHTS = re.compile(r"_(parameters|buffers)_")
 
 
@@ -40,7 +51,8 @@ def _mentions(x, symbols) -> bool:
 
 
 def classify(ctx: RewriteContext, node: fx.Node):
-    """``LENGTH``, ``MASK``, ``("tokens", dim, batch_dim)`` or ``KEEP`` for an input from outside a region."""
+    """``LENGTH``, ``MASK``, ``("tokens", dim, batch_dim)``, ``SIZES`` or ``KEEP`` for an input from
+    outside a region."""
     if node in ctx.derived:
         return ctx.derived[node]
     if node.meta.get(INSERTED):
@@ -51,9 +63,7 @@ def classify(ctx: RewriteContext, node: fx.Node):
     if isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool):
         if is_size_like(v, seq):
             return LENGTH
-        if _mentions(v, symbols):
-            raise UnsupportedGraph(f"{node.name} = {v} depends on the sequence length in a way the pass cannot rewrite")
-        return KEEP
+        return SIZES if _mentions(v, symbols) else KEEP
     if not isinstance(v, torch.Tensor):
         return KEEP
     if node.op in ("placeholder", "get_attr") and WEIGHTS.search(str(node.target)):
@@ -61,6 +71,8 @@ def classify(ctx: RewriteContext, node: fx.Node):
     shape = list(v.shape)
     seq_dims = [i for i, s in enumerate(shape) if is_size_like(s, seq)]
     if any(_mentions(s, symbols) for i, s in enumerate(shape) if i not in seq_dims):
+        if _from_sizes(node):
+            return SIZES
         raise UnsupportedGraph(f"{node.name} has shape {shape}, derived from the sequence length")
     if not seq_dims:
         return KEEP
@@ -76,6 +88,11 @@ def classify(ctx: RewriteContext, node: fx.Node):
         if batch_like(0):
             return ("tokens", dim, 0)
     raise UnsupportedGraph(f"{node.name} of shape {shape} is per-token data the pass cannot re-index")
+
+
+def _from_sizes(node: fx.Node) -> bool:
+    """Whether ``node`` is computed from sizes alone (``torch.arange(4 * s22)``): no tensor input."""
+    return all(n.op == "call_function" or not isinstance(value(n), torch.Tensor) for n in ancestors(node) | {node})
 
 
 def _multi_axis(ctx: RewriteContext, node: fx.Node, shape: list, dim: int) -> bool:
@@ -102,13 +119,33 @@ def _replacement(ctx: RewriteContext, stage: Stage, node: fx.Node, kind, made: d
     if node not in made:
         graph = ctx.gm.graph
         with graph.inserting_before(user):  # ``node`` may be defined after the stage (e.g. in layer L+1)
-            if kind == MASK:
+            if kind == SIZES:
+                made[node] = _recompute(ctx, stage, node, made, user)
+            elif kind == MASK:
                 made[node] = call(graph, gather_mask, node, stage.source)
             else:
                 positions = stage.source if stage.positions is None else stage.positions
                 made[node] = call(graph, gather_tokens, node, positions, *kind[1:])
         ctx.derived[made[node]] = kind
     return made[node]
+
+
+def _recompute(ctx: RewriteContext, stage: Stage, node: fx.Node, made: dict, user: fx.Node) -> fx.Node:
+    """A copy of ``node`` (computed from sizes) whose inputs are the stage's: the new length for ``T``,
+    copies for what is itself derived from it."""
+    def rewired_input(arg: fx.Node) -> fx.Node:
+        kind = classify(ctx, arg)
+        if kind == KEEP:
+            return arg
+        if kind not in (LENGTH, SIZES):
+            raise UnsupportedGraph(f"{node.name} is derived from the sequence length through {arg.name}, which is "
+                                   "per-token data, not a size")
+        return _replacement(ctx, stage, arg, kind, made, user)
+
+    copy = ctx.gm.graph.node_copy(node, rewired_input)
+    copy.meta = {k: v for k, v in node.meta.items() if k not in ("val", "example_value")}
+    copy.meta[INSERTED] = True
+    return copy
 
 
 def _replace_literal_length(arg, seq_len: int, new_len: fx.Node):
@@ -118,7 +155,16 @@ def _replace_literal_length(arg, seq_len: int, new_len: fx.Node):
     return map_aggregate(arg, swap)
 
 
-def rewire(ctx: RewriteContext, stage: Stage, first: bool) -> list[str]:
+def visual_position_readers(ctx: RewriteContext) -> set[fx.Node]:
+    """The nodes computed from where the visual tokens are (the placeholder masks) but not from the
+    embeddings they were scattered into: what a decoder that adds visual features again at those
+    positions (DeepStack) reads besides the hidden states."""
+    masks = {scatter.args[1] for scatter in ctx.scatters}
+    first = [u for m in masks for u in m.users if u not in ctx.scatters and not u.meta.get(INSERTED)]
+    return descendants_of(first) - descendants_of(ctx.scatters)
+
+
+def rewire(ctx: RewriteContext, stage: Stage, first: bool, readers: set[fx.Node]) -> list[str]:
     own = {stage.hidden, stage.span, stage.source, stage.new_len, stage.hidden.args[0]}
     ctx.derived[stage.new_len] = LENGTH
     stage.region = descendants(stage.layer_output) - own
@@ -128,6 +174,11 @@ def rewire(ctx: RewriteContext, stage: Stage, first: bool) -> list[str]:
         for arg in node.all_input_nodes:
             if arg in stage.region:
                 continue
+            if arg in readers:
+                raise UnsupportedGraph(
+                    f"{node.name}, after the stage at layer {stage.layer}, reads where the visual tokens were "
+                    f"({arg.name}, from the placeholder mask): the decoder adds visual features again after that "
+                    "layer (DeepStack), so a stage must follow the last layer that does")
             kind = HIDDEN if arg is stage.layer_output else classify(ctx, arg)
             if kind != KEEP:
                 node.replace_input_with(arg, _replacement(ctx, stage, arg, kind, made, node))
@@ -139,8 +190,9 @@ def rewire(ctx: RewriteContext, stage: Stage, first: bool) -> list[str]:
 
 def run(ctx: RewriteContext) -> PassResult:
     result = PassResult("rewire_sequence")
+    readers = visual_position_readers(ctx)
     for i, stage in enumerate(ctx.stages):
-        gathered = rewire(ctx, stage, first=i == 0)
+        gathered = rewire(ctx, stage, i == 0, readers)
         result.matched.append(
             f"layer {stage.layer}: {len(stage.region)} later nodes; re-indexed: {', '.join(gathered) or 'none'}"
         )

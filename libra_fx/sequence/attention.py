@@ -13,6 +13,10 @@ first ``kv_len − q`` columns of that mask followed by its last ``q`` (the step
                                        0 0 1 1 1 1 | 1 1 0
                                        0 0 1 1 1 1 | 1 1 1
 
+Where the first full-attention layer comes after a stage (Llama4's follow chunked-attention layers),
+transformers builds the full-attention mask from that layer's shorter cache instead: its columns are
+that cache's entries, left padding still in front, and the same rule applies.
+
 ``libra|sdpa`` (and ``libra|eager``, ``libra|flash_attention_2``, …) wrap the model's own function and
 fit the mask so; everything else is unchanged. They are registered with transformers'
 ``AttentionInterface`` / ``AttentionMaskInterface`` (public extension points, no patching).
@@ -36,8 +40,8 @@ def fit_mask_to_cache(mask: torch.Tensor | None, key: torch.Tensor, empty: torch
     columns: the empty slots a batch of unequal visual-token counts put in front (see
     :func:`libra_fx.sequence.splice.compress_visual_tokens`)."""
     kv = key.shape[-2]
-    if mask is None or mask.dim() not in (2, 4) or mask.shape[-1] == kv:
-        return mask
+    if mask is None or mask.dim() not in (2, 4) or mask.shape[-1] == kv and empty is None:
+        return mask  # (a mask as long as the cache may still need shifting: built from a compressed cache, Llama4's)
     past = kv - queries
     column = torch.arange(kv, device=mask.device)
     column = torch.where(column < past, column, column + (mask.shape[-1] - kv))  # [kv]: the step's own at the end

@@ -17,6 +17,9 @@ import …`` would be ambiguous with ``tests/conftest.py``).
 ``qwen_dynamic_graph`` tiny Qwen2-VL, B=1, recompiled for a second image size: symbolic image size and
                        sequence length
 ``next_ragged_graph``  tiny LLaVA-NeXT, a batch of two images of 72 and 36 visual tokens
+``lfm2_graphs``        tiny LFM2-VL (convolution layers 0 and 3: ``T + 2`` inside), B=2 left-padded:
+                       ``static`` and ``symbolic`` (the length kept symbolic, as libra_fx.compile does)
+``qwen3_vl_graph``     tiny Qwen3-VL (DeepStack after layer 0), B=1, as generate() runs it
 =====================  ==========================================================================
 """
 
@@ -103,3 +106,38 @@ def next_ragged_graph():
     model = testing.tiny_llava_next()
     batch, _ = ragged_llava_next(model)  # 72 and 36 visual tokens
     return capture_graph(model, batch, fullgraph=False)
+
+
+@pytest.fixture(scope="session")
+def lfm2_graphs():
+    import contextlib
+
+    from libra_fx.api import symbolic_length
+    from libra_fx.conformance.check import tiny_model
+    from libra_fx.conformance.inputs import example_inputs
+    from libra_fx.families import LFM2_VL
+
+    model = tiny_model(LFM2_VL)
+    graphs = {}
+    for kind in ("static", "symbolic"):
+        inputs = example_inputs(model, LFM2_VL, 2, pad=(0, 3))  # fresh tensors: the marks stay on them
+        with symbolic_length((), inputs) if kind == "symbolic" else contextlib.nullcontext():
+            graphs[kind] = capture_graph(model, inputs, fullgraph=False)
+    return graphs
+
+
+@pytest.fixture(scope="session")
+def qwen3_vl_graph():
+    import torch
+
+    from libra_fx.conformance.check import tiny_model
+    from libra_fx.conformance.inputs import example_inputs
+    from libra_fx.families import QWEN3_VL
+
+    model = tiny_model(QWEN3_VL)
+    QWEN3_VL.install_shims(model)  # the DeepStack injections without a graph break, as libra_fx.compile does
+    inputs = QWEN3_VL.prepare_forward(model, example_inputs(model, QWEN3_VL, 1))
+    with torch.no_grad():
+        features = model.model.get_image_features(inputs.pop("pixel_values"), inputs["image_grid_thw"],
+                                                  return_dict=True)
+    return capture_graph(model, dict(inputs, mm_encoder_outputs={"image": features}))

@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.fx as fx
 from passkit import (flat_args, in_module, inserted, inserted_counts, layer_of, make_ctx, qwen_inputs, run_alone,
-                     run_until, visual_graphs)
+                     run_pass, run_until, visual_graphs)
 
+from libra_fx.errors import UnsupportedGraph
 from libra_fx.families import QWEN2_VL
 from libra_fx.passes import fx_utils, rewire_sequence
 from libra_fx.passes.context import RewriteContext
@@ -175,3 +176,51 @@ def test_qwen_batch_of_three_gathers_batch_first(qwen_batch_of_three):
 def test_classify_same_table_other_family_is_right():
     ctx, table = _ctx_with_table((3, 1, 29, 16), dataclasses.replace(QWEN2_VL, position_rows=()), 3, 29)
     assert rewire_sequence.classify(ctx, table) == ("tokens", 2, 0)
+
+
+def test_sizes_derived_from_the_length_are_computed_again(lfm2_graphs):
+    """LFM2-VL's convolution layer keeps ``[..., -T:]`` of its ``T + 2`` outputs: with a symbolic
+    length, ``-T`` is computed again from the stage's length (and its padding mask is gathered)."""
+    from libra_fx.families import LFM2_VL
+
+    ctx, _, new = rewired(lfm2_graphs["symbolic"], layers=(1,), family=LFM2_VL)
+    (stage,) = ctx.stages
+    copies = [n for n in inserted(ctx.gm) if n.target not in (gather_tokens, gather_mask)
+              and stage.new_len in n.all_input_nodes]
+    assert copies and all(n.users for n in copies)
+    masks = [n for n in inserted(ctx.gm, gather_tokens) if tuple(fx_utils.value(n.args[0]).shape) == (2, ctx.seq_len, 1)]
+    assert masks, "the convolution layer's padding mask (its [B, T, 1] view) is not gathered"
+    check_no_old_input_survives(ctx)
+    run_pass(ctx, "return_side_outputs")
+    assert "later shapes consistent" in run_pass(ctx, "check_shapes").matched[0]
+    new_len = fx_utils.value(stage.new_len).node.expr
+    for copy in copies:  # a size of the new length, e.g. -(T - 8)
+        assert fx_utils.value(copy).node.expr.free_symbols == new_len.free_symbols
+
+
+def test_a_static_graph_with_derived_sizes_is_refused_by_name(lfm2_graphs):
+    """The same graph with static shapes knows ``T + 2`` only as an int: refused, saying what to do."""
+    from libra_fx.families import LFM2_VL
+
+    ctx = make_ctx(lfm2_graphs["static"], layers=(1,), family=LFM2_VL)
+    with pytest.raises(UnsupportedGraph, match=r"mark the sequence dimension dynamic"):
+        run_until(ctx, "return_side_outputs")
+        run_pass(ctx, "return_side_outputs")
+        run_pass(ctx, "check_shapes")
+
+
+@pytest.mark.parametrize("layers, refused", [((0,), True), ((1,), False)])
+def test_a_stage_before_a_deepstack_layer_is_refused(qwen3_vl_graph, layers, refused):
+    """Qwen3-VL adds visual features again after layer 0: a stage there would need them merged too
+    (a bare backend knows no config: the graph shows it, a node after the stage reading the visual
+    positions)."""
+    from libra_fx.families import QWEN3_VL
+
+    ctx = make_ctx(qwen3_vl_graph, layers=layers, family=QWEN3_VL)
+    run_until(ctx, "rewire_sequence")
+    if refused:
+        with pytest.raises(UnsupportedGraph, match=r"reads where the visual tokens were .*DeepStack"):
+            rewire_sequence.run(ctx)
+    else:
+        rewire_sequence.run(ctx)
+        check_no_old_input_survives(ctx)
