@@ -37,8 +37,9 @@ class DecodeLayout:
     prompt_len: int | None = None  # the uncompressed prompt's length (vision-side stages)
     keep: torch.Tensor | None = None  # [B, T'] False on the compressed prompt's padding (slots and pads)
     shift: torch.Tensor | None = None  # [B] the compressed prompt's last position id minus the original's
-    prompt_cached: int = 0  # entries of layer 0 (full length) after the prefill
-    removed: tuple[int, ...] = ()  # per layer: how many fewer entries than layer 0 it holds
+    prompt_cached: int = 0  # entries of the first attention layer (full length) after the prefill
+    removed: tuple[int | None, ...] = ()  # per layer: how many fewer entries than that layer it holds (None: no
+    # entries per token, e.g. a linear-attention or convolution layer's state)
 
 
 class ModelState:
@@ -84,8 +85,9 @@ class ModelState:
         side, cache = self.side_outputs or {}, returned_cache(out)
         if cache is None or not any(self.graphs_run):
             return
-        lengths = [layer.get_seq_length() for layer in cache.layers]
-        layout = DecodeLayout(prompt_cached=lengths[0], removed=tuple(lengths[0] - n for n in lengths))
+        lengths = [_entries(layer) for layer in cache.layers]
+        full = next(n for n in lengths if n is not None)  # the first attention layer's: no stage is before it
+        layout = DecodeLayout(prompt_cached=full, removed=tuple(None if n is None else full - n for n in lengths))
         if "empty_slots" in side:
             layout.empty_slots = side["empty_slots"]
         if "valid" in side:
@@ -167,23 +169,28 @@ class ModelState:
 
 
 def align_cropped_layers(cache, layout: DecodeLayout) -> None:
-    """Keep each layer ``layout.removed`` entries shorter than layer 0 after a crop.
+    """Keep each layer ``layout.removed`` entries shorter than the first attention layer after a crop.
 
     Assisted generation and prompt lookup drop rejected candidates with ``cache.crop``. A crop by count
     (transformers ≥ 5.2x) keeps the layers' differences; a crop to an absolute length (earlier 5.x)
     leaves the shorter, compressed layers too long. Their extra entries are the newest tokens, so they
     are cropped by count here. A crop into the prompt cannot be mapped onto a compressed layer: ``ValueError``.
     """
-    full = cache.layers[0].get_seq_length()
+    full = next(n for n in map(_entries, cache.layers) if n is not None)
     if full < layout.prompt_cached:
         raise ValueError(f"libra_fx: this KV cache was cropped to {full} entries, into its compressed prompt "
-                         f"({layout.prompt_cached} entries in layer 0); crop only tokens generated after the prompt")
+                         f"({layout.prompt_cached} entries in its full-length layers); crop only tokens generated after the prompt")
     for index, (layer, removed) in enumerate(zip(cache.layers, layout.removed)):
-        if getattr(layer, "sliding_window", None):
-            continue  # by count, up to its window: _check_window refuses a step past it
+        if removed is None or getattr(layer, "sliding_window", None):
+            continue  # a recurrent state; or by count, up to its window: _check_window refuses a step past it
         extra = layer.get_seq_length() - (full - removed)
         if extra < 0:
             raise ValueError(f"libra_fx: layer {index} of this compressed KV cache holds {-extra} entries fewer than "
-                             "the prefill left it relative to layer 0; it was cropped by something libra-fx cannot follow")
+                             "the prefill left it relative to the full-length layers; it was cropped by something libra-fx cannot follow")
         if extra:
             layer.crop(-extra)
+
+
+def _entries(layer) -> int | None:
+    """A cache layer's entries per token (``None``: a layer that keeps a state, not one entry per token)."""
+    return layer.get_seq_length() if hasattr(layer, "get_seq_length") else None
