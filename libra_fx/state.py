@@ -48,10 +48,9 @@ class ModelState:
     :meth:`before_call` / :meth:`after_call` (``libra_fx.compile``'s does); a prefill with images that
     ran no compressed graph then warns once (``strict``: raises)."""
 
-    def __init__(self, family=None, refused: str | None = None, serves_decode: bool = False, strict: bool = False,
-                 attention: str = "sdpa"):
+    def __init__(self, family=None, refused: str | None = None, serves_decode: bool = False, strict: bool = False):
         self.family, self.refused, self.serves_decode, self.strict = family, refused, serves_decode, strict
-        self.attention = attention  # the language model's own attention implementation
+        self.attention = "sdpa"  # the language model's own attention implementation (libra_fx.compile sets it)
         self.generate_prompt: int | None = None  # the prompt length of the generate() in progress
         self.side_outputs: dict[str, object] | None = None  # of the newest compressed run
         self._layouts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache → DecodeLayout
@@ -86,7 +85,7 @@ class ModelState:
         if cache is None or not any(self.graphs_run):
             return
         lengths = [_entries(layer) for layer in cache.layers]
-        full = next(n for n in lengths if n is not None)  # the first attention layer's: no stage is before it
+        full = _full_length(lengths)
         layout = DecodeLayout(prompt_cached=full, removed=tuple(None if n is None else full - n for n in lengths))
         if "empty_slots" in side:
             layout.empty_slots = side["empty_slots"]
@@ -117,7 +116,7 @@ class ModelState:
           after compression alike, but eager attention averages every value, which compression changes.
         """
         cache = kv_cache(kwargs)
-        if self.refused is not None or cache is not None and cache.get_seq_length() > 0:
+        if self.refused is not None or not self.prefill:  # (before_call has set it for this call)
             return None
         tokens, mask = prompt_tokens(args, kwargs), kwargs.get("attention_mask")
         why = None
@@ -176,7 +175,7 @@ def align_cropped_layers(cache, layout: DecodeLayout) -> None:
     leaves the shorter, compressed layers too long. Their extra entries are the newest tokens, so they
     are cropped by count here. A crop into the prompt cannot be mapped onto a compressed layer: ``ValueError``.
     """
-    full = next(n for n in map(_entries, cache.layers) if n is not None)
+    full = _full_length(map(_entries, cache.layers))
     if full < layout.prompt_cached:
         raise ValueError(f"libra_fx: this KV cache was cropped to {full} entries, into its compressed prompt "
                          f"({layout.prompt_cached} entries in its full-length layers); crop only tokens generated after the prompt")
@@ -194,3 +193,9 @@ def align_cropped_layers(cache, layout: DecodeLayout) -> None:
 def _entries(layer) -> int | None:
     """A cache layer's entries per token (``None``: a layer that keeps a state, not one entry per token)."""
     return layer.get_seq_length() if hasattr(layer, "get_seq_length") else None
+
+
+def _full_length(lengths) -> int:
+    """The entries of the first layer that has entries per token: an attention layer, and no stage is
+    before it, so it holds the full sequence."""
+    return next(n for n in lengths if n is not None)
