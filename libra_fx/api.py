@@ -89,7 +89,7 @@ def compile(model, ratio=0.5, layers=(7, 15, 23), method="libra", tau=None, eta=
         check_cache(kv_cache(kwargs))
         if vision_side:
             kwargs = without_return_dict(kwargs)
-        kwargs = be.state.before_call(family.prepare_forward(model, kwargs), family.refused_inputs(kwargs))
+        kwargs = be.state.before_call(family.prepare_forward(model, kwargs), family.refused_inputs(model, kwargs))
         if be.state.uncompressed_reason(args, kwargs) is not None:
             return eager_forward(*args, **kwargs)
         static_batch(args, kwargs)

@@ -91,8 +91,6 @@ class LibraBackend:
             return CompileRecord(False, "ratio=0 or layers=(): nothing to do")
         if self.state.refused is not None:
             return CompileRecord(False, self.state.refused, before=gm)
-        if self.state.call_refused is not None:
-            return self._fall_back(self.state.call_refused, gm)
         ctx = RewriteContext(fx_utils.clone(gm), self.config, family=self.state.family,
                              serves_decode=self.state.serves_decode, record=self.record)
         try:

@@ -110,31 +110,34 @@ class ModelState:
     def uncompressed_reason(self, args: tuple, kwargs: dict) -> str | None:
         """Why this prefill must run the uncompressed model (``None``: it need not); warns (``strict``: raises).
 
+        - the family refuses these inputs (``FamilyAdapter.refused_inputs``, given to :meth:`before_call`);
         - assisted generation runs the prompt and the draft's candidates in one forward: the importance
           query would be a candidate, not the prompt's last token (contract §2);
         - a sample that is all padding has only fully masked rows: SDPA gives them zeros, before and
           after compression alike, but eager attention averages every value, which compression changes.
         """
-        cache = kv_cache(kwargs)
         if self.refused is not None or not self.prefill:  # (before_call has set it for this call)
             return None
-        tokens, mask = prompt_tokens(args, kwargs), kwargs.get("attention_mask")
-        why = None
-        if cache is not None and self.generate_prompt is not None and tokens.shape[1] > self.generate_prompt:
-            why = (f"this generate() runs its prompt together with {tokens.shape[1] - self.generate_prompt} candidate "
-                   "token(s) in one forward (assisted generation), so the importance query would be a candidate, not "
-                   "the prompt's last token; the prompt is not compressed")
-        elif self.attention != "sdpa" and mask is not None and mask.dim() == 2 and not mask.any(-1).all():
-            empty = (~mask.bool().any(-1)).nonzero().flatten().tolist()
-            why = (f"sample(s) {empty} of this batch are all padding (an all-zero attention_mask); {self.attention} "
-                   "attention averages the values of a fully masked row, which compression would change, so the "
-                   "batch runs uncompressed")
+        why = self.call_refused or self._prefill_not_compressible(args, kwargs)
         if why is not None:
             message = f"libra_fx: {why}"
             if self.strict:
                 raise UnsupportedGraph(message)
             warnings.warn(message, LibraFallbackWarning, stacklevel=4)
         return why
+
+    def _prefill_not_compressible(self, args: tuple, kwargs: dict) -> str | None:
+        tokens, mask = prompt_tokens(args, kwargs), kwargs.get("attention_mask")
+        if kv_cache(kwargs) is not None and self.generate_prompt is not None and tokens.shape[1] > self.generate_prompt:
+            return (f"this generate() runs its prompt together with {tokens.shape[1] - self.generate_prompt} candidate "
+                    "token(s) in one forward (assisted generation), so the importance query would be a candidate, not "
+                    "the prompt's last token; the prompt is not compressed")
+        if self.attention != "sdpa" and mask is not None and mask.dim() == 2 and not mask.any(-1).all():
+            empty = (~mask.bool().any(-1)).nonzero().flatten().tolist()
+            return (f"sample(s) {empty} of this batch are all padding (an all-zero attention_mask); {self.attention} "
+                    "attention averages the values of a fully masked row, which compression would change, so the "
+                    "batch runs uncompressed")
+        return None
 
     @staticmethod
     def _check_window(cache, kwargs: dict) -> None:
@@ -150,7 +153,7 @@ class ModelState:
         """Warn (once per model) when a prefill with images ran, but no compressed graph did: Dynamo
         skipped the frame or hit its recompile limit, or no graph with visual tokens reached the decoder."""
         images = any(v is not None for k, v in kwargs.items() if k.startswith(("pixel_values", "mm_encoder_outputs")))
-        if (self.refused is not None or self.call_refused is not None or not images or any(self.graphs_run)
+        if (self.refused is not None or not images or any(self.graphs_run)
                 or self.warned_uncompressed or not self.prefill):
             return
         if not self.graphs_run:

@@ -81,6 +81,6 @@ def test_llama4s_own_forward_needs_the_tiny_model_fix():
 def test_qwen3_vl_videos_are_refused_by_name():
     """A timestamp before each frame splits a video's placeholders: such a call runs uncompressed."""
     images = dict(input_ids=torch.ones(1, 4, dtype=torch.long), pixel_values=torch.zeros(1))
-    assert QWEN3_VL.refused_inputs(images) is None
-    assert "a timestamp (text) sits before each frame" in QWEN3_VL.refused_inputs(
+    assert QWEN3_VL.refused_inputs(None, images) is None
+    assert "a timestamp (text) sits before each frame" in QWEN3_VL.refused_inputs(None, 
         dict(images, pixel_values_videos=torch.zeros(1)))

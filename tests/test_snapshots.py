@@ -40,9 +40,9 @@ in16: float32[1, 31, 64]
 v0 = scaled_dot_product_attention(in0, in1, in2, attn_mask=None, dropout_p=0.0, scale=0.25, is_causal=True, enable_gqa=True)  # float32[1, 4, 48, 16]
 v1 = last_row_importance(in0, in1, None, 0.25)  # float32[1, 48]
 v2 = visual_span_mask(in3)  # bool[1, 48]
-v3 = compress_visual_tokens(in4, v1, v2, span_lens=((36,),), carried=0, method='libra', ratio=0.5, options=(('tau', 0.7), ('eta', 'mean')))  # (float32[1, 31, 64], bool[1, 31], int64[1, 31])
+v3 = compress_visual_tokens(in4, v1, v2, span_lens=((36,),), carried=0, method='libra', ratio=0.5, options=(('tau', 0.7), ('eta', 'mean')))  # (float32[1, 31, 64], uint8[1, 31], int64[1, 31])
 v4 = getitem(v3, 0)  # float32[1, 31, 64]
-v5 = getitem(v3, 1)  # bool[1, 31]
+v5 = getitem(v3, 1)  # uint8[1, 31]
 v6 = getitem(v3, 2)  # int64[1, 31]
 v7 = sym_size(v4, 1)  # int
 v8 = .to(v4, torch.float32)  # float32[1, 31, 64]
@@ -81,9 +81,9 @@ in16: float32[1, 30, 64]
 v0 = scaled_dot_product_attention(in0, in1, in2, attn_mask=None, dropout_p=0.0, scale=0.25, is_causal=True, enable_gqa=True)  # float32[1, 4, 48, 16]
 v1 = last_row_importance(in0, in1, None, 0.25)  # float32[1, 48]
 v2 = visual_span_mask(in3)  # bool[1, 48]
-v3 = compress_visual_tokens(in4, v1, v2, span_lens=((36,),), carried=0, method='fastv', ratio=0.5, options=())  # (float32[1, 30, 64], bool[1, 30], int64[1, 30])
+v3 = compress_visual_tokens(in4, v1, v2, span_lens=((36,),), carried=0, method='fastv', ratio=0.5, options=())  # (float32[1, 30, 64], uint8[1, 30], int64[1, 30])
 v4 = getitem(v3, 0)  # float32[1, 30, 64]
-v5 = getitem(v3, 1)  # bool[1, 30]
+v5 = getitem(v3, 1)  # uint8[1, 30]
 v6 = getitem(v3, 2)  # int64[1, 30]
 v7 = sym_size(v4, 1)  # int
 v8 = .to(v4, torch.float32)  # float32[1, 30, 64]
@@ -125,9 +125,9 @@ in19: float32[1, 31, 64]
 v0 = softmax(in0, dim=-1, dtype=torch.float32)  # float32[1, 4, 48, 48]
 v1 = last_row_importance(in1, in2, in3, 0.25)  # float32[1, 48]
 v2 = visual_span_mask(in4)  # bool[1, 48]
-v3 = compress_visual_tokens(in5, v1, v2, span_lens=((36,),), carried=0, method='libra', ratio=0.5, options=(('tau', 0.7), ('eta', 'mean')))  # (float32[1, 31, 64], bool[1, 31], int64[1, 31])
+v3 = compress_visual_tokens(in5, v1, v2, span_lens=((36,),), carried=0, method='libra', ratio=0.5, options=(('tau', 0.7), ('eta', 'mean')))  # (float32[1, 31, 64], uint8[1, 31], int64[1, 31])
 v4 = getitem(v3, 0)  # float32[1, 31, 64]
-v5 = getitem(v3, 1)  # bool[1, 31]
+v5 = getitem(v3, 1)  # uint8[1, 31]
 v6 = getitem(v3, 2)  # int64[1, 31]
 v7 = sym_size(v4, 1)  # int
 v8 = .to(v4, torch.float32)  # float32[1, 31, 64]

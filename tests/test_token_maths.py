@@ -22,7 +22,7 @@ import libra_fx
 from libra_fx.methods.compressors import assign_groups, average, igm, prune
 from libra_fx.methods.grouped import group_softmax_sum
 from libra_fx.sequence.gather import gather_mask, gather_tokens
-from libra_fx.sequence.splice import compress_visual_tokens
+from libra_fx.sequence.splice import COMPENSATION, TEXT, VISUAL, compress_visual_tokens
 from libra_fx.methods import DECODER_METHODS, METHODS, get_method
 from libra_fx.methods.selectors import cosine_matrix, num_targets, one_hot_targets, pti, top_alpha, top_k, turbo
 from harness import causal_rule_gather_mask
@@ -384,11 +384,11 @@ def test_compress_visual_tokens_fastv_by_hand():
     hidden = _seq(6)
     alpha = t([[0.0, 0.1, 0.4, 0.2, 0.3, 0.0]])
     span = torch.tensor([[False, True, True, True, True, False]])
-    out, merged, source = compress_visual_tokens(
+    out, kinds, source = compress_visual_tokens(
         hidden, alpha, span, span_lens=((4,),), carried=0,
         method="fastv", ratio=0.5)
     assert source.tolist() == [[0, 2, 4, 5]]
-    assert merged.tolist() == [[False, True, True, False]]
+    assert kinds.tolist() == [[TEXT, VISUAL, VISUAL, TEXT]]
     close(out, hidden[:, [0, 2, 4, 5]])
 
 
@@ -399,12 +399,12 @@ def test_compress_visual_tokens_libra_with_a_carried_compensation_token():
     # The new c takes the position of the last carried compensation token (index 5).
     hidden = _seq(7)
     alpha = t([[0.0, 0.1, 0.4, 0.2, 0.3, 0.0, 0.0]])
-    span = torch.tensor([[False, True, True, True, True, False, False]])
-    out, merged, source = compress_visual_tokens(
-        hidden, alpha, span, span_lens=((4,),), carried=1,
+    kinds = torch.tensor([[TEXT, VISUAL, VISUAL, VISUAL, VISUAL, COMPENSATION, TEXT]], dtype=torch.uint8)
+    out, kinds, source = compress_visual_tokens(
+        hidden, alpha, kinds, span_lens=((4,),), carried=1,
         method="libra", ratio=0.5)
     assert source.tolist() == [[0, 2, 4, 5, 5, 6]]
-    assert merged.tolist() == [[False, True, True, False, False, False]]
+    assert kinds.tolist() == [[TEXT, VISUAL, VISUAL, COMPENSATION, COMPENSATION, TEXT]]
     close(out[:, [0, 3, 5]], hidden[:, [0, 5, 6]])
     expected_span = igm(hidden[:, 1:5], alpha[:, 1:5], torch.tensor([[1, 3]]))
     close(out[:, [1, 2, 4]], expected_span)
@@ -416,11 +416,11 @@ def test_compress_visual_tokens_two_spans_per_sample():
     hidden = _seq(8)
     alpha = t([[0.5, 0.1, 0.4, 0.0, 0.1, 0.3, 0.3, 0.0]])
     span = torch.tensor([[True, True, True, False, True, True, True, False]])
-    out, merged, source = compress_visual_tokens(
+    out, kinds, source = compress_visual_tokens(
         hidden, alpha, span, span_lens=((3, 3),), carried=0,
         method="fastv", ratio=0.5)
     assert source.tolist() == [[0, 2, 3, 5, 6, 7]]
-    assert merged.tolist() == [[True, True, False, True, True, False]]
+    assert kinds.tolist() == [[VISUAL, VISUAL, TEXT, VISUAL, VISUAL, TEXT]]
     close(out, hidden[:, [0, 2, 3, 5, 6, 7]])
 
 
@@ -629,18 +629,19 @@ def test_compress_visual_tokens_properties(b, n, pad, carried, d, ratio, name, s
     offsets = torch.randint(0, pad + 2, (b,), generator=gen).tolist()  # 0 .. pad+1: keeps `carried` after
     hidden = _randn(gen, b, t_len, d)
     alpha = torch.softmax(_randn(gen, b, t_len), -1)
-    span = torch.zeros(b, t_len, dtype=torch.bool)
+    kinds = torch.zeros(b, t_len, dtype=torch.uint8)
     for i, off in enumerate(offsets):
-        span[i, off:off + n] = True
+        kinds[i, off:off + n] = VISUAL
+        kinds[i, off + n:off + n + carried] = COMPENSATION
     m = METHODS[name]
     nt, c = num_targets(n, ratio), int(m.compensation)
 
-    out, merged, source = compress_visual_tokens(
-        hidden, alpha, span, span_lens=((n,),), carried=carried,
+    out, new_kinds, source = compress_visual_tokens(
+        hidden, alpha, kinds, span_lens=((n,),), carried=carried,
         method=name, ratio=ratio)
     t_new = t_len - n + nt + c
     assert out.shape == (b, t_new, d)
-    assert merged.shape == source.shape == (b, t_new)
+    assert new_kinds.shape == source.shape == (b, t_new)
     assert (source[:, 1:] >= source[:, :-1]).all()
 
     for i, off in enumerate(offsets):
@@ -654,7 +655,8 @@ def test_compress_visual_tokens_properties(b, n, pad, carried, d, ratio, name, s
         expected = m.compressor(sp_h, sp_a, targets, m.options())
         close(out[i, off:off + nt], expected[0, :nt])
         assert source[i, off:off + nt].tolist() == (off + targets[0]).tolist()
-        assert merged[i].tolist() == [off <= j < off + nt for j in range(t_new)]
+        assert (new_kinds[i] == VISUAL).tolist() == [off <= j < off + nt for j in range(t_new)]
+        assert (new_kinds[i] == COMPENSATION).tolist() == [off + nt <= j < off + nt + carried + c for j in range(t_new)]
         # carried compensation tokens: unchanged, right after the merged targets
         k = off + nt
         close(out[i, k:k + carried], hidden[i, end:end + carried])
@@ -668,6 +670,48 @@ def test_compress_visual_tokens_properties(b, n, pad, carried, d, ratio, name, s
         # text after: unchanged and in order
         close(out[i, k:], hidden[i, end + carried:])
         assert source[i, k:].tolist() == list(range(end + carried, t_len))
+
+
+@PROPS
+@given(
+    st.integers(2, 8),                                   # N
+    st.lists(st.integers(1, 8), max_size=4),              # text markers: before span token k (k = N: after it)
+    st.integers(0, 2),                                   # carried compensation tokens
+    st.floats(0.0, 0.95),                                # ratio
+    st.sampled_from(sorted(DECODER_METHODS)),
+    st.integers(0, 2**31 - 1),                           # seed
+)
+def test_text_markers_inside_a_span_keep_their_places(n, markers, carried, ratio, name, seed):
+    """A span interleaved with text markers (Pixtral's row breaks, Idefics3's tile markers; contract §1)
+    compresses exactly as the same span without them, and each marker keeps its place: after the
+    outputs whose sources precede it, before the others."""
+    gen = torch.Generator().manual_seed(seed)
+    markers = sorted(min(k, n) for k in markers)
+    plain = [TEXT] + [VISUAL] * n + [COMPENSATION] * carried + [TEXT]
+    with_markers, position = [TEXT], [0]  # the interleaved sequence, and each token's index in ``plain``
+    for k in range(n + 1):
+        with_markers += [TEXT] * markers.count(k)
+        position += [-1] * markers.count(k)
+        if k < n:
+            with_markers.append(VISUAL)
+            position.append(1 + k)
+    with_markers += [COMPENSATION] * carried + [TEXT]
+    position += list(range(1 + n, len(plain)))
+    position = torch.tensor(position)
+    hidden, alpha = _randn(gen, 1, len(plain), 3), torch.softmax(_randn(gen, 1, len(plain)), -1)
+    filler = _randn(gen, 1, len(with_markers), 3)
+    hidden_m = torch.where((position >= 0)[None, :, None], hidden[:, position.clamp(min=0)], filler)
+    alpha_m = torch.where(position >= 0, alpha[:, position.clamp(min=0)], 0.5)
+    stage = dict(span_lens=((n,),), carried=carried, method=name, ratio=ratio)
+    want, want_kinds, want_source = compress_visual_tokens(hidden, alpha, torch.tensor([plain], dtype=torch.uint8), **stage)
+    got, got_kinds, got_source = compress_visual_tokens(hidden_m, alpha_m, torch.tensor([with_markers], dtype=torch.uint8),
+                                                        **stage)
+    is_marker = position[got_source[0]] < 0
+    close(got[:, ~is_marker], want)
+    assert got_kinds[:, ~is_marker].tolist() == want_kinds.tolist()
+    assert position[got_source[0, ~is_marker]].tolist() == want_source[0].tolist()
+    assert (got_source[0, 1:] >= got_source[0, :-1]).all()  # in order: each marker between the tokens around it
+    close(got[:, is_marker], filler[:, got_source[0, is_marker]])
 
 
 def _causal_padding_mask(pads: list[int], t: int, dtype: torch.dtype) -> torch.Tensor:

@@ -27,26 +27,29 @@ class _Counted(Exception):
 
 def placeholders_per_sample(model, family, vision: dict, token: str) -> int:
     """How many ``token`` placeholders one sample of ``vision`` (inputs of batch 1) fills, counted by
-    intercepting the model's own ``get_placeholder_mask`` (``token``: ``"image"`` or ``"video"``)."""
+    intercepting the model's own ``get_placeholder_mask`` (or Idefics3's ``inputs_merger``), which is
+    handed the features (``token``: ``"image"`` or ``"video"``)."""
     base = placeholder_owner(model)
+    inner = getattr(model, "model", model)
+    name, base = ("get_placeholder_mask", base) if hasattr(base, "get_placeholder_mask") else ("inputs_merger", inner)
 
     def count(input_ids, inputs_embeds, *features, **named):
-        named = dict(zip(("image_features", "video_features"), features), **named)
-        found = named.get(f"{token}_features")
+        named = dict(zip((f"{token}_features", "image_hidden_states", "video_features"), features), **named)
+        found = named.get(f"{token}_features", named.get("image_hidden_states"))
         if found is not None:
             raise _Counted(found)
-        return type(base).get_placeholder_mask(base, input_ids, inputs_embeds, **named)
+        return getattr(type(base), name)(base, input_ids, inputs_embeds, **named)
 
     ids = torch.full((1, 1), model.config.text_config.vocab_size - 1)
     with family.without_shims(model):
-        base.get_placeholder_mask = count
+        setattr(base, name, count)
         try:
             with torch.no_grad():
                 model(input_ids=ids, **vision)
         except _Counted as found:
             return found.features.numel() // model.config.text_config.hidden_size
         finally:
-            del base.get_placeholder_mask
+            delattr(base, name)
     raise ValueError(f"the model's forward never asked for a {token} placeholder mask")
 
 

@@ -27,8 +27,10 @@ This is how hook-based compression tools work (e.g. ModelTC/LightCompress). Whil
   builds the full-attention mask from that compressed cache: its columns are cache entries, and the
   layer takes the first ``kv_len``, left padding in front, contract §8.)
 
-A span is a contiguous run of placeholder tokens (two images next to each other would be one span;
-the example prompts never do that). Every sample must keep the same count (no empty slots).
+A span is one image's placeholder tokens, contiguous or not: ``images`` gives the placeholder count of
+each image in sequence order (one list for every sample, or one per sample); without it each
+contiguous run of placeholders is one image. Text between an image's placeholders (row breaks, tile
+markers) is text. Every sample must keep the same count (no empty slots).
 """
 
 from __future__ import annotations
@@ -40,8 +42,9 @@ from libra_fx.methods.selectors import num_targets
 
 
 class HookOracle:
-    def __init__(self, model, method: str = "libra", ratio: float = 0.5, layers: tuple[int, ...] = (1,), **options):
-        self.model, self.ratio, self.stages = model, ratio, tuple(layers)
+    def __init__(self, model, method: str = "libra", ratio: float = 0.5, layers: tuple[int, ...] = (1,),
+                 images: list | None = None, **options):
+        self.model, self.ratio, self.stages, self.images = model, ratio, tuple(layers), images
         self.method, self.options = get_method(method), method_spec(method, **options).options
         config = model.config
         self.text_config = getattr(config, "text_config", config)
@@ -87,15 +90,20 @@ class HookOracle:
         """One list per sample of ``(source, kind, span)``: kind ``text``, ``visual`` or ``comp``."""
         self.input_mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         self.seqs, self.span_last, self.kv_sources = [], [], {}
-        for row in input_ids.tolist():
-            seq, last, span = [], {}, -1
+        for b, row in enumerate(input_ids.tolist()):
+            counts = self.images if not self.images or isinstance(self.images[0], int) else self.images[b]
+            ends = [sum(counts[:k + 1]) for k in range(len(counts or ()))]  # each image's last placeholder + 1
+            seq, last, span, seen = [], {}, -1, 0
             for j, token in enumerate(row):
                 visual = token in self.placeholders
-                if visual and not (seq and seq[-1][1] == "visual"):
-                    span += 1
-                seq.append((j, "visual" if visual else "text", span if visual else -1))
                 if visual:
+                    if ends:
+                        span = next(k for k, end in enumerate(ends) if seen < end)
+                    elif not (seq and seq[-1][1] == "visual"):
+                        span += 1
+                    seen += 1
                     last[span] = j
+                seq.append((j, "visual" if visual else "text", span if visual else -1))
             self.seqs.append(seq)
             self.span_last.append(last)
 
@@ -113,32 +121,33 @@ class HookOracle:
         return hook
 
     def _compress_batch(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Per sample and span: its visual tokens compressed, each merged target at its target's place, the
+        carried compensation tokens kept, the new ones right after the last of them (or after the span's
+        last token); text where it was."""
         rows, seqs = [], []
         for b, seq in enumerate(self.seqs):
             query = max(j for j, (src, _, _) in enumerate(seq) if self.input_mask[b, src])
             alpha = self.attention[b, :, query].float().mean(0)
-            tokens, out, j = [], [], 0
-            while j < len(seq):
-                src, kind, span = seq[j]
-                if kind != "visual":
-                    tokens.append(hidden[b, j])
-                    out.append(seq[j])
-                    j += 1
-                    continue
-                run = [j]
-                while j + 1 < len(seq) and seq[j + 1][1] == "visual" and seq[j + 1][2] == span:
-                    j += 1
-                    run.append(j)
-                carried = []
-                while j + 1 < len(seq) and seq[j + 1][1] == "comp" and seq[j + 1][2] == span:
-                    j += 1
-                    carried.append(j)
-                j += 1
+            members: dict = {}  # span → (its visual tokens, its compensation tokens), as indices into seq
+            for j, (_, kind, span) in enumerate(seq):
+                if kind != "text":
+                    members.setdefault(span, ([], []))[kind == "comp"].append(j)
+            merged, new_comps, anchor = {}, {}, {}
+            for span, (run, carried) in members.items():
                 replaced, targets = self._compress_span(hidden[b, run].float(), alpha[run])
                 nt = len(targets)
-                tokens += [*replaced[:nt], *(hidden[b, c] for c in carried), *replaced[nt:]]
-                out += [seq[run[t]] for t in targets] + [seq[c] for c in carried]
-                out += [(self.span_last[b][span], "comp", span)] * (len(replaced) - nt)
+                merged.update({run[t]: replaced[k] for k, t in enumerate(targets)})
+                new_comps[span] = replaced[nt:]
+                anchor[(carried or run)[-1]] = span
+            tokens, out = [], []
+            for j, (src, kind, span) in enumerate(seq):
+                if kind != "visual" or j in merged:
+                    tokens.append(merged.get(j, hidden[b, j]))
+                    out.append(seq[j])
+                if j in anchor:
+                    span = anchor[j]
+                    tokens += list(new_comps[span])
+                    out += [(self.span_last[b][span], "comp", span)] * len(new_comps[span])
             rows.append(torch.stack([t.to(hidden.dtype) for t in tokens]))
             seqs.append(out)
         if len({len(s) for s in seqs}) != 1:

@@ -18,6 +18,7 @@ from libra_fx.families.base import FamilyAdapter
 from libra_fx.families.gemma import GEMMA3, PALIGEMMA
 from libra_fx.families.lfm2_vl import LFM2_VL
 from libra_fx.families.llama4 import LLAMA4
+from libra_fx.families.markers import IDEFICS3, MISTRAL3, SMOLVLM
 from libra_fx.families.llava import LLAVA, LLAVA_NEXT, LLAVA_NEXT_VIDEO, LLAVA_ONEVISION, VIDEO_LLAVA, VIPLLAVA
 from libra_fx.families.plain import (AYA_VISION, COHERE2_VISION, DEEPSEEK_VL, FAST_VLM, INTERNVL, JANUS,
                                      PERCEPTION_LM)
@@ -27,7 +28,7 @@ from libra_fx.families.qwen3_vl import QWEN3_VL, QWEN3_VL_MOE
 FAMILIES: tuple[FamilyAdapter, ...] = (
     LLAVA, LLAVA_NEXT, QWEN2_VL, QWEN2_5_VL, LLAVA_ONEVISION, LLAVA_NEXT_VIDEO, VIDEO_LLAVA, VIPLLAVA, INTERNVL,
     AYA_VISION, DEEPSEEK_VL, JANUS, FAST_VLM, COHERE2_VISION, GLM4V, PERCEPTION_LM, GEMMA3, PALIGEMMA, QWEN3_VL,
-    QWEN3_VL_MOE, LFM2_VL, LLAMA4)
+    QWEN3_VL_MOE, LFM2_VL, LLAMA4, MISTRAL3, IDEFICS3, SMOLVLM)
 
 
 def supported_classes() -> list[str]:

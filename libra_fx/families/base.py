@@ -19,6 +19,8 @@ family subclasses it (or instantiates it) and provides:
   after; the generic rule: a stage layer must hold softmax attention (hybrid decoders' ``layer_types``);
 - ``symbolic_length``: whether its decoder derives sizes from the sequence length (MoE routing rows,
   convolution or chunk padding): ``libra_fx.compile`` then keeps the length symbolic from the first call;
+- ``refused_inputs(model, kwargs)``: why a call's inputs are not compressed (it runs uncompressed, with a
+  warning); ``bare_backend``: why the family needs ``libra_fx.compile`` (a bare backend refuses it);
 - ``prepare_forward(model, kwargs)``: anything computed before the compiled forward;
 - ``install_shims(model)``: per-instance shims (default: the feature-count message below);
 - ``graph_break_hint``: what to tell a user whose graph break cut the visual tokens off the decoder;
@@ -56,6 +58,7 @@ class FamilyAdapter:
     frames: int = 4
     tiles: int = 0
     symbolic_length: bool = False
+    bare_backend: str = ""  # why a bare torch.compile with libra_fx.backend cannot compress the family ("": it can)
 
     def check_stage_layers(self, config, layers: tuple[int, ...]) -> None:
         """``ValueError`` for a stage layer that holds no softmax attention (contract §9): the importance
@@ -68,8 +71,9 @@ class FamilyAdapter:
                 f"layer {wrong[0]} of {self.name} is a {kinds[wrong[0]]!r} layer, without the softmax attention "
                 f"that scores the visual tokens; stage layers must be attention layers: {attention} (got layers={layers})")
 
-    def refused_inputs(self, kwargs: dict) -> str | None:
-        """Why this call's inputs are not compressed (``None``: they are): a modality not in ``modalities``."""
+    def refused_inputs(self, model, kwargs: dict) -> str | None:
+        """Why this call's inputs are not compressed (``None``: they are): a modality not in ``modalities``.
+        ``libra_fx.compile`` asks before each call, and runs a refused one uncompressed, with a warning."""
         if "video" not in self.modalities and kwargs.get("pixel_values_videos") is not None:
             return (f"{self.name} videos are not compressed yet: their frames reach the graph as separate feature "
                     "pieces, and the contract makes one span of a whole video (§1)")

@@ -31,7 +31,8 @@ class Lfm2VlAdapter(FamilyAdapter):
 
 LFM2_VL = Lfm2VlAdapter(
     "LFM2-VL", ("Lfm2VlForConditionalGeneration", "Lfm2VlModel"), ("modeling_lfm2_vl",),
-    span_notes="one span per image; convolution layers (not stage layers) convolve the compressed sequence",
+    span_notes=("one span per image piece of the tower (a tiled image: one per tile and one for its thumbnail); "
+                "convolution layers (not stage layers) convolve the compressed sequence"),
     model_types=("lfm2_vl",), symbolic_length=True,
     tiny=dict(text_config=dict(layer_types=["conv", "full_attention", "full_attention", "conv"]),
               vision_config=dict(num_patches=64), projector_hidden_size=64),

@@ -27,7 +27,7 @@ _SLIDING = ("one span per image; the decoder's sliding-window layers count the w
 
 INTERNVL = FamilyAdapter(
     "InternVL", ("InternVLForConditionalGeneration", "InternVLModel"), ("modeling_internvl",),
-    span_notes="one span per image (its tiles' pixel-shuffled features)", model_types=("internvl",),
+    span_notes="one span per tile (its pixel-shuffled features: one tile per image, or tiles and a thumbnail)", model_types=("internvl",),
     tiny=dict(vision_config=dict(image_size=[64, 64], patch_size=[8, 8])),
 )
 

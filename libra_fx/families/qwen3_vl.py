@@ -40,7 +40,7 @@ def add_deepstack_features(self, hidden_states: torch.Tensor, visual_pos_masks: 
 class Qwen3Adapter(MRopeAdapter):
     """Qwen2-VL's inputs and an interleaved M-RoPE; videos are refused (a timestamp before each frame)."""
 
-    def refused_inputs(self, kwargs: dict) -> str | None:
+    def refused_inputs(self, model, kwargs: dict) -> str | None:
         if kwargs.get("pixel_values_videos") is not None:
             return (f"{self.name} videos are not compressed yet: a timestamp (text) sits before each frame, so a "
                     "video's placeholders are not one contiguous span (contract §1)")

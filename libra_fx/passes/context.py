@@ -36,7 +36,7 @@ class Stage:
     attention: Any = None  # passes.matchers.AttentionSite
     importance: fx.Node | None = None
     hidden: fx.Node | None = None  # compressed hidden states
-    span: fx.Node | None = None  # [B, T'] mask of the merged targets (next stage's span)
+    kinds: fx.Node | None = None  # [B, T'] token kinds (text, merged target, compensation): the next stage's input
     source: fx.Node | None = None  # [B, T'] source index into the stage's input sequence (masks)
     positions: fx.Node | None = None  # [B, T'] index whose position ids / RoPE each token takes (None: source)
     new_len: fx.Node | None = None  # sym_size(hidden, 1)

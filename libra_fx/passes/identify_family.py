@@ -6,7 +6,8 @@ Dynamo records the module classes each node was traced in (``nn_module_stack``):
     "L['self'].model"  → <Other>Model        → no adapter: UnsupportedGraph, naming the classes
 
 (after a graph break, the transformers modeling file of the nodes' outermost frame names it).
-``libra_fx.compile`` already knows the family from the model object and passes it in. A family's
+``libra_fx.compile`` already knows the family from the model object and passes it in; a family whose
+inputs it must check before each call (``FamilyAdapter.bare_backend``) is refused without it. A family's
 masks need nothing of it: the later layers take the original mask's rows and columns at the kept
 tokens, whatever the mask (contract §5).
 """
@@ -23,6 +24,8 @@ def run(ctx: RewriteContext) -> PassResult:
     if ctx.family is None:
         ctx.family, seen = families.for_graph(ctx.gm)
         _check_known(ctx.family, seen)
+        if ctx.family.bare_backend:
+            raise UnsupportedGraph(f"{ctx.family.name}: {ctx.family.bare_backend}")
         result.matched.append(f"{ctx.family.name} (from {', '.join(s for s in seen if _names(ctx.family, s))})")
     else:
         result.matched.append(f"{ctx.family.name} (given by the caller)")

@@ -6,9 +6,10 @@
   + stage = compress_visual_tokens(hidden_states_33, importance, span,
   +                                span_lens=((36,),), carried=0, method='libra',
   +                                ratio=0.5, options=(('tau', 0.7), ('eta', 'mean')))
-  + hidden = stage[0]; span_1 = stage[1]; source = stage[2]; length = sym_size(hidden, 1)
+  + hidden = stage[0]; kinds_1 = stage[1]; source = stage[2]; length = sym_size(hidden, 1)
 
-Nothing uses the new nodes yet: ``rewire_sequence`` points the later layers at them. Batches
+``kinds`` marks text, visual and compensation tokens (the first stage's: the visual-token mask); each
+stage's ``kinds_1`` feeds the next. Nothing uses the new nodes yet: ``rewire_sequence`` points the later layers at them. Batches
 whose samples hold different visual-token counts also get ``empty_slots_per_layer(source, …)``, a
 side output that tells decode steps how many empty slots sit in front of each sample in each layer.
 """
@@ -30,20 +31,20 @@ def run(ctx: RewriteContext) -> PassResult:
     result = PassResult("insert_compression")
     graph, cfg = ctx.gm.graph, ctx.config
     compensation = int(cfg.spec.method.compensation)
-    span = None
+    kinds = None
     for i, stage in enumerate(ctx.stages):
         with graph.inserting_before(stage.layer_output.next):  # new nodes in program order
-            if span is None:
-                span = call(graph, visual_span_mask, ctx.visual_mask)
+            if kinds is None:
+                kinds = call(graph, visual_span_mask, ctx.visual_mask)
             extra = dict(record=True) if ctx.record else {}
-            node = call(graph, compress_visual_tokens, stage.layer_output, stage.importance, span,
+            node = call(graph, compress_visual_tokens, stage.layer_output, stage.importance, kinds,
                         span_lens=stage.span_lens, carried=i * compensation, method=cfg.method, ratio=cfg.ratio,
                         options=cfg.spec.items(), **extra)
-            stage.hidden, stage.span, stage.source = (call(graph, operator.getitem, node, j) for j in range(3))
+            stage.hidden, stage.kinds, stage.source = (call(graph, operator.getitem, node, j) for j in range(3))
             stage.new_len = call(graph, torch.ops.aten.sym_size.int, stage.hidden, 1)
             if ctx.record:
                 ctx.side_outputs[f"records{i}"] = call(graph, operator.getitem, node, 3)
-        span = stage.span
+        kinds = stage.kinds
         sizes = [value(n) if isinstance(n, torch.fx.Node) else n for n in stage.span_lens[0]]
         result.matched.append(
             f"layer {stage.layer}: {cfg.method} "

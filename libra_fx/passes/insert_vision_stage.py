@@ -133,7 +133,7 @@ def run(ctx: RewriteContext) -> PassResult:
                     spans_per_sample=spans_per_sample, slots=slots, positions=cfg.spec.options.positions)
         outs = [call(graph, operator.getitem, node, i) for i in range(5)]
         new_len = call(graph, torch.ops.aten.sym_size.int, outs[0], 1)
-    stage = Stage(-1, [], visual, ctx.span_lens, attention=site, hidden=outs[0], span=outs[1], source=outs[2],
+    stage = Stage(-1, [], visual, ctx.span_lens, attention=site, hidden=outs[0], kinds=outs[1], source=outs[2],
                   positions=outs[4], new_len=new_len)
     ctx.stages.insert(0, stage)
     ctx.side_outputs.update(source=outs[2], valid=outs[3], positions=outs[4],

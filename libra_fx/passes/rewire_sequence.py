@@ -165,7 +165,7 @@ def visual_position_readers(ctx: RewriteContext) -> set[fx.Node]:
 
 
 def rewire(ctx: RewriteContext, stage: Stage, first: bool, readers: set[fx.Node]) -> list[str]:
-    own = {stage.hidden, stage.span, stage.source, stage.new_len, stage.hidden.args[0]}
+    own = {stage.hidden, stage.kinds, stage.source, stage.new_len, stage.hidden.args[0]}
     ctx.derived[stage.new_len] = LENGTH
     stage.region = descendants(stage.layer_output) - own
     made: dict[fx.Node, fx.Node] = {}

@@ -8,8 +8,13 @@ itself for text, ``t_i`` for a merged target, the last span token (or the last c
 compensation token) for a compensation token. RoPE tables, position ids and masks of the later
 layers are gathered by that source index::
 
-    hidden [B,T,D], α [B,T], span [B,T]
-        → hidden' [B,T',D], span' [B,T'] (merged targets), source [B,T'] (indices into 0..T−1)
+    hidden [B,T,D], α [B,T], kinds [B,T]
+        → hidden' [B,T',D], kinds' [B,T'], source [B,T'] (indices into 0..T−1)
+
+A token's *kind* (``uint8``) is ``TEXT`` (0), ``VISUAL`` (1: a visual token, or an earlier stage's
+merged target: what the next stage compresses) or ``COMPENSATION`` (2). A span is one image's visual
+tokens in sequence order, contiguous or not: text marker tokens between them (Pixtral's row breaks,
+Idefics3's tile markers) are text, and keep their places.
 """
 
 from __future__ import annotations
@@ -22,15 +27,23 @@ from libra_fx.methods.registry import get_method
 from libra_fx.methods.selectors import gather_rows, num_targets
 
 
+TEXT, VISUAL, COMPENSATION = 0, 1, 2
+
+
 def visual_span_mask(placeholder_mask: torch.Tensor) -> torch.Tensor:
     """The ``[B, T]`` bool mask of visual tokens from the model's placeholder mask (``[B, T(, 1)]``)."""
     return placeholder_mask.reshape(placeholder_mask.shape[0], -1).bool()
 
 
+def first_of(mask: torch.Tensor) -> torch.Tensor:
+    """``[B, T]``: per sample, the indices of ``mask``'s tokens first, in sequence order, then the others."""
+    return torch.sort((~mask).to(torch.uint8), dim=-1, stable=True).indices
+
+
 def compress_visual_tokens(
     hidden: torch.Tensor,
     alpha: torch.Tensor,
-    span: torch.Tensor,
+    kinds: torch.Tensor,
     *,
     span_lens: tuple,
     carried: int,
@@ -39,13 +52,14 @@ def compress_visual_tokens(
     options: tuple = (),
     record: bool = False,
 ) -> tuple[torch.Tensor, ...]:
-    """One compression stage (contract §3–§5) → ``(hidden', span', source)``.
+    """One compression stage (contract §3–§5) → ``(hidden', kinds', source)``.
 
-    ``span`` marks the compressible tokens of each sample (the previous stage's merged targets;
-    its compensation tokens are not part of it). ``span_lens`` gives, per sample, the lengths of
-    its spans in sequence order — one row shared by every sample, or one row per sample.
-    ``carried`` is the number of compensation tokens that earlier stages placed right after each
-    span. Spans of one length are compressed as one batch.
+    ``kinds``: each token's kind (the module docstring; a bool mask of the visual tokens before the
+    first stage). ``span_lens`` gives, per sample, the lengths of its spans in sequence order — one
+    row shared by every sample, or one row per sample. ``carried`` is the number of compensation
+    tokens that earlier stages placed after each span (span ``k``'s are compensation tokens
+    ``k·carried …``); this stage's goes after them, or after the span's last token. Spans of one
+    length are compressed as one batch.
 
     When samples lose different numbers of tokens, the shorter ones are left-padded with
     *empty slots* (``source = -1``): masked out as keys by :func:`gather_mask`, like padding.
@@ -59,43 +73,49 @@ def compress_visual_tokens(
     shared = len(span_lens) == 1
     rows = span_lens * b if shared else span_lens
     totals = [sum(row) for row in rows]
-    where = torch.sort((~span).to(torch.uint8), dim=-1, stable=True).indices  # span tokens first, in order
+    kinds = kinds.to(torch.uint8)
+    span = kinds == VISUAL
+    where, comp_where = first_of(span), first_of(kinds == COMPENSATION)
     flat_hidden, flat_alpha = hidden.reshape(b * t, d), alpha.reshape(b * t)
 
     counts = span.sum(-1)
-    groups, records, checks = [], [], [torch.stack([counts[i] == total for i, total in enumerate(totals)])]  # (a SymInt-safe tensor)
+    groups, records = [], []
+    check = torch.stack([counts[i] == total for i, total in enumerate(totals)])  # (a SymInt-safe tensor)
     for n, units in _units_by_length(rows):
         if shared:  # every sample holds these spans at the same ranks
-            index = torch.stack([where[:, s: s + n] for _, s in units[: len(units) // b]], 1).reshape(-1, n)
+            index = torch.stack([where[:, s: s + n] for _, s, _ in units[: len(units) // b]], 1).reshape(-1, n)
+            last_comp = torch.stack([comp_where[:, (k + 1) * carried - 1] for _, _, k in units[: len(units) // b]],
+                                    1).reshape(-1, 1) if carried else None
         else:
-            index = torch.stack([where[i, s: s + n] for i, s in units])
-        owner = torch.tensor([i for i, _ in units], device=hidden.device)[:, None]
-        checks.append(index[:, -1] - index[:, 0] == n - 1)
+            index = torch.stack([where[i, s: s + n] for i, s, _ in units])
+            last_comp = torch.stack([comp_where[i, (k + 1) * carried - 1: (k + 1) * carried]
+                                     for i, _, k in units]) if carried else None
+        owner = torch.tensor([i for i, _, _ in units], device=hidden.device)[:, None]
         nt = num_targets(n, ratio)
         tokens, weights = flat_hidden[owner * t + index].float(), flat_alpha[owner * t + index].float()
         targets = m.selector(weights, tokens, nt, opts)
         replaced = m.compressor(tokens, weights, targets, opts).to(hidden.dtype)
         if record:
             records.append(dict(targets=targets, labels=m.labels(tokens, targets, opts), spans=len(units) // b))
-        after = (index[:, -1:] + carried)[:, :c]  # last carried compensation token (or the span's end)
-        groups.append(dict(units=[i for i, _ in units], nt=nt, merged=replaced[:, :nt], comps=replaced[:, nt:],
+        after = (index[:, -1:] if last_comp is None else last_comp)[:, :c]  # the last carried compensation token
+        groups.append(dict(units=[i for i, _, _ in units], nt=nt, merged=replaced[:, :nt], comps=replaced[:, nt:],
                            at_target=index.gather(1, targets), after=after))
     torch._assert_async(
-        torch.cat([x.reshape(-1) for x in checks]).all(),
-        "libra_fx: a sample does not hold the visual-token spans the graph was compiled for "
-        f"(contiguous spans of {rows[0] if shared else rows} tokens)",
+        check.all(),
+        "libra_fx: a sample does not hold the visual tokens the graph was compiled for "
+        f"(spans of {rows[0] if shared else rows} tokens)",
     )
     kept = [sum(g["nt"] + c for g in groups for u in g["units"] if u == i) for i in range(b)]
     removed = [total - k for total, k in zip(totals, kept)]
     fewest = _reduce(min, torch.sym_min, removed)
     if shared:
-        extra_hidden, extra_key, extra_source, extra_merged = _assemble_shared(groups, b)
+        extra_hidden, extra_key, extra_source, extra_kinds = _assemble_shared(groups, b)
     else:
         empty = [r - fewest for r in removed]  # samples that lose more tokens get empty slots in front
-        extra_hidden, extra_key, extra_source, extra_merged = _assemble_per_sample(groups, b, d, empty, 4 * t + 4)
-    new_hidden, (is_merged,), source = splice(hidden, span, extra_hidden, extra_key, extra_source,
-                                              [(False, extra_merged)], t - fewest)
-    return (new_hidden, is_merged, source, records) if record else (new_hidden, is_merged, source)
+        extra_hidden, extra_key, extra_source, extra_kinds = _assemble_per_sample(groups, b, d, empty, 4 * t + 4)
+    new_hidden, (new_kinds,), source = splice(hidden, span, extra_hidden, extra_key, extra_source,
+                                              [(kinds.masked_fill(span, TEXT), extra_kinds)], t - fewest)
+    return (new_hidden, new_kinds, source, records) if record else (new_hidden, new_kinds, source)
 
 
 def splice(hidden, span, new_hidden, new_key, new_source, flags, length):
@@ -104,26 +124,27 @@ def splice(hidden, span, new_hidden, new_key, new_source, flags, length):
 
     Keys: ``2·i`` for input token ``i``, and ``4·T + 4`` (cut off) for the span tokens it replaces; a new
     token's ``new_key`` is ``2·i`` to take span token ``i``'s place, ``2·i + 1`` to sit right after
-    input token ``i``, negative to come first. ``flags``: ``(value for the input tokens, [B, K] values
-    for the new ones)`` pairs, re-ordered alike.
+    input token ``i``, negative to come first. ``flags``: ``(value or [B, T] values for the input tokens,
+    [B, K] values for the new ones)`` pairs, re-ordered alike.
     """
     b, t, _ = hidden.shape
     ranks = torch.arange(t, device=hidden.device).expand(b, t)
     keys = torch.cat([torch.where(span, 4 * t + 4, 2 * ranks), new_key], dim=1)
     order = torch.sort(keys, dim=-1, stable=True).indices[:, :length]
-    flags = [torch.cat([torch.full_like(span, old), new], dim=1).gather(1, order) for old, new in flags]
+    flags = [torch.cat([old if isinstance(old, torch.Tensor) else torch.full_like(span, old), new], dim=1).gather(1, order)
+             for old, new in flags]
     source = torch.cat([ranks, new_source], dim=1)
     return gather_rows(torch.cat([hidden, new_hidden], dim=1), order), flags, source.gather(1, order)
 
 
 def _units_by_length(rows) -> list:
-    """``[(span length, [(sample, start rank), …]), …]`` in sample order; SymInt lengths are told
-    apart by identity (a SymInt is not hashable)."""
+    """``[(span length, [(sample, start rank, span number), …]), …]`` in sample order; SymInt lengths
+    are told apart by identity (a SymInt is not hashable)."""
     groups: dict = {}
     for i, row in enumerate(rows):
         start = 0
-        for n in row:
-            groups.setdefault(n if isinstance(n, int) else id(n), (n, []))[1].append((i, start))
+        for k, n in enumerate(row):
+            groups.setdefault(n if isinstance(n, int) else id(n), (n, []))[1].append((i, start, k))
             start = start + n
     return list(groups.values())
 
@@ -133,11 +154,11 @@ def _reduce(plain, symbolic, values):
 
 
 def _pieces(g):
-    """A group's new tokens as (hidden [G, k, D], key [G, k], source [G, k], merged? [G, k])."""
+    """A group's new tokens as (hidden [G, k, D], key [G, k], source [G, k], kind [G, k])."""
     at, after = g["at_target"], g["after"]
     return (torch.cat([g["merged"], g["comps"]], 1), torch.cat([2 * at, 2 * after + 1], 1),
-            torch.cat([at, after], 1), torch.cat([torch.ones_like(at, dtype=torch.bool),
-                                                  torch.zeros_like(after, dtype=torch.bool)], 1))
+            torch.cat([at, after], 1), torch.cat([torch.full_like(at, VISUAL, dtype=torch.uint8),
+                                                  torch.full_like(after, COMPENSATION, dtype=torch.uint8)], 1))
 
 
 def _assemble_shared(groups, b):
@@ -157,10 +178,10 @@ def _assemble_per_sample(groups, b, d, empty, dropped):
     sizes = [e + x[0].shape[0] for e, x in zip(empty, per_sample)]
     width = _reduce(max, torch.sym_max, sizes)
     out = [[], [], [], []]
-    for (h, key, src, merged), e, size in zip(per_sample, empty, sizes):
+    for (h, key, src, kind), e, size in zip(per_sample, empty, sizes):
         fill = width - size
         out[0].append(torch.cat([h.new_zeros(e, d), h, h.new_zeros(fill, d)]))
         out[1].append(torch.cat([key.new_full((e,), -1), key, key.new_full((fill,), dropped)]))
         out[2].append(torch.cat([src.new_full((e,), -1), src, src.new_full((fill,), -1)]))
-        out[3].append(torch.cat([merged.new_zeros(e), merged, merged.new_zeros(fill)]))
+        out[3].append(torch.cat([kind.new_zeros(e), kind, kind.new_zeros(fill)]))
     return tuple(torch.stack(x) for x in out)

@@ -32,10 +32,10 @@ def test_one_node_per_stage_with_its_getitems(llava_graph):
     (span0,) = inserted(ctx.gm, visual_span_mask)
     assert span0.args == (ctx.visual_mask,)
     for i, (stage, node) in enumerate(zip(ctx.stages, nodes)):
-        assert node.args == (stage.layer_output, stage.importance, span0 if i == 0 else ctx.stages[i - 1].span)
+        assert node.args == (stage.layer_output, stage.importance, span0 if i == 0 else ctx.stages[i - 1].kinds)
         assert node.kwargs == dict(span_lens=stage.span_lens, carried=i, method="libra", ratio=0.5,
                                    options=(("tau", 0.7), ("eta", "mean")))
-        assert [(g.target, g.args) for g in (stage.hidden, stage.span, stage.source)] == \
+        assert [(g.target, g.args) for g in (stage.hidden, stage.kinds, stage.source)] == \
             [(operator.getitem, (node, j)) for j in range(3)]
         assert stage.new_len.target is SYM_SIZE and stage.new_len.args == (stage.hidden, 1)
         assert at[stage.layer_output] < at[node] < at[stage.new_len]

@@ -51,7 +51,7 @@ def test_prumerge_stage_prepended(llava_graph):
     assert node.args == (visual, span, ranks, valid)
     assert node.kwargs == dict(span_len=36, spans_per_sample=1, slots=10, positions="original")
     assert span.args == (ctx.visual_mask,)
-    outs = [stage.hidden, stage.span, stage.source, ctx.side_outputs["valid"], stage.positions]
+    outs = [stage.hidden, stage.kinds, stage.source, ctx.side_outputs["valid"], stage.positions]
     assert [(o.target, o.args) for o in outs] == [(operator.getitem, (node, i)) for i in range(5)]
     assert stage.new_len.target is SYM_SIZE and stage.new_len.args == (stage.hidden, 1)
     assert ctx.side_outputs == {"source": stage.source, "valid": outs[3], "positions": outs[4]}
