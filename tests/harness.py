@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import libra_fx
@@ -23,6 +24,18 @@ def compile_and_run(model, inputs, dynamic=False, fullgraph=True, **backend_kwar
     compiled = torch.compile(model.forward, backend=be, fullgraph=fullgraph)
     with torch.no_grad():
         return compiled(**inputs).logits, be
+
+
+def assert_runs_uncompressed_with_a_warning(model, inputs, match: str, **settings) -> None:
+    """``libra_fx.compile(model, compiler="eager", **settings)`` on ``inputs`` warns (``match``: a regex) and
+    gives the plain model's logits bit for bit."""
+    with torch.no_grad():
+        want = model(**inputs).logits
+    torch._dynamo.reset()
+    compiled = libra_fx.compile(model, compiler="eager", **settings)
+    with pytest.warns(libra_fx.LibraFallbackWarning, match=match), torch.no_grad():
+        got = compiled(**inputs).logits
+    assert torch.equal(got, want)
 
 
 class ReusedTrace:

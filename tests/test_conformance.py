@@ -22,6 +22,7 @@ from libra_fx.conformance.oracle import HookOracle
 from libra_fx.families.base import _FeatureCount
 from libra_fx.testing import tiny_llava, tiny_llava_inputs
 from families import build, make_inputs
+from harness import assert_runs_uncompressed_with_a_warning
 from oracle import oracle_logits
 
 BY_TYPE = {f.model_types[0]: f for f in families.FAMILIES}
@@ -169,14 +170,8 @@ def test_a_video_of_a_family_without_video_spans_is_refused_by_name():
     family = BY_TYPE["llava_next_video"]
     model = tiny_model(family)
     inputs = example_inputs(model, family, 1, token="video")
-    with torch.no_grad():
-        want = model(**inputs).logits
-    torch._dynamo.reset()
-    compiled = libra_fx.compile(model, compiler="eager", method="fastv", ratio=0.5, layers=(1,))
-    with pytest.warns(libra_fx.LibraFallbackWarning, match=re.escape("LLaVA-NeXT-Video videos are not compressed yet")):
-        with torch.no_grad():
-            got = compiled(**inputs).logits
-    assert torch.equal(got, want)
+    assert_runs_uncompressed_with_a_warning(model, inputs, re.escape("LLaVA-NeXT-Video videos are not compressed yet"),
+                                            method="fastv", ratio=0.5, layers=(1,))
 
 
 @pytest.mark.parametrize("model_type", ["mllama", "idefics2", "qwen3_5", "ovis2"])

@@ -16,6 +16,7 @@ from libra_fx.conformance.check import tiny_model
 from libra_fx.conformance.inputs import example_inputs
 from libra_fx.conformance.oracle import HookOracle
 from libra_fx.families.markers import IDEFICS3, MARKERS, MISTRAL3
+from harness import assert_runs_uncompressed_with_a_warning
 
 BY_TYPE = {f.model_types[0]: f for f in families.FAMILIES}
 
@@ -79,15 +80,8 @@ def test_markers_keep_their_places_in_the_prompt():
 def test_an_idefics3_sample_with_two_images_runs_uncompressed_with_a_warning():
     """Its tiles reach the decoder as one piece per sample: the images cannot be told apart in the graph."""
     model = tiny_model(IDEFICS3)
-    inputs = _two_images(model, IDEFICS3)
-    with torch.no_grad():
-        want = model(**inputs).logits
-    torch._dynamo.reset()
-    compiled = libra_fx.compile(model, compiler="eager", method="libra", ratio=0.5, layers=(1,))
-    with pytest.warns(libra_fx.LibraFallbackWarning, match=re.escape("sample 0 holds 2 images; Idefics3 hands")):
-        with torch.no_grad():
-            got = compiled(**inputs).logits
-    assert torch.equal(got, want)
+    assert_runs_uncompressed_with_a_warning(model, _two_images(model, IDEFICS3),
+                                            re.escape("sample 0 holds 2 images; Idefics3 hands"), layers=(1,))
     one = example_inputs(model, IDEFICS3, 1)
     assert IDEFICS3.refused_inputs(model, one) is None
     assert "inputs_embeds" in IDEFICS3.refused_inputs(model, dict(one, input_ids=None))
