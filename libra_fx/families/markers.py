@@ -50,7 +50,7 @@ class TiledAdapter(FamilyAdapter):
 
     grid: tuple[int, int] = (1, 2)
     bare_backend: str = ("the images of each sample are counted from input_ids before the call, which a bare "
-                                 "torch.compile with libra_fx.backend cannot do: use libra_fx.compile(model, ...)")
+                         "torch.compile with libra_fx.backend cannot do: use libra_fx.compile(model, ...)")
 
     def vision_inputs(self, model, batch, gen, token="image"):
         side = model.config.vision_config.image_size

@@ -75,7 +75,8 @@ def compress_visual_tokens(
     totals = [sum(row) for row in rows]
     kinds = kinds.to(torch.uint8)
     span = kinds == VISUAL
-    where, comp_where = first_of(span), first_of(kinds == COMPENSATION)
+    where = first_of(span)
+    comp_where = first_of(kinds == COMPENSATION) if carried else None  # earlier stages' compensation tokens
     flat_hidden, flat_alpha = hidden.reshape(b * t, d), alpha.reshape(b * t)
 
     counts = span.sum(-1)
@@ -84,8 +85,8 @@ def compress_visual_tokens(
     for n, units in _units_by_length(rows):
         if shared:  # every sample holds these spans at the same ranks
             index = torch.stack([where[:, s: s + n] for _, s, _ in units[: len(units) // b]], 1).reshape(-1, n)
-            last_comp = torch.stack([comp_where[:, (k + 1) * carried - 1] for _, _, k in units[: len(units) // b]],
-                                    1).reshape(-1, 1) if carried else None
+            last_comp = torch.stack([comp_where[:, (k + 1) * carried - 1: (k + 1) * carried]
+                                     for _, _, k in units[: len(units) // b]], 1).reshape(-1, 1) if carried else None
         else:
             index = torch.stack([where[i, s: s + n] for i, s, _ in units])
             last_comp = torch.stack([comp_where[i, (k + 1) * carried - 1: (k + 1) * carried]

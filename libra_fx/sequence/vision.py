@@ -32,7 +32,7 @@ import torch
 from libra_fx.methods import prumerge
 from libra_fx.methods.registry import get_method
 from libra_fx.methods.selectors import gather_rows
-from libra_fx.sequence.splice import splice
+from libra_fx.sequence.splice import first_of, splice
 
 
 def vision_merge(
@@ -90,7 +90,7 @@ def vision_compress(
     """
     b, t, d = hidden.shape
     k, n = spans_per_sample, span_len
-    where = torch.sort((~span).to(torch.uint8), dim=-1, stable=True).indices[:, : k * n]  # [B, k·N]
+    where = first_of(span)[:, : k * n]  # [B, k·N]
     spans = where.reshape(b * k, n)
     torch._assert_async(
         (span.sum(-1) == k * n).all() & (spans[:, -1] - spans[:, 0] == n - 1).all(),
