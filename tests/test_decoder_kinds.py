@@ -9,7 +9,8 @@ import torch
 
 import libra_fx
 from libra_fx.conformance.check import tiny_model
-from libra_fx.families import LFM2_VL, LLAMA4, QWEN3_VL
+from libra_fx.conformance.inputs import example_inputs
+from libra_fx.families import LFM2_VL, LLAMA4, QWEN3_5, QWEN3_VL
 from libra_fx.families.qwen3_vl import add_deepstack_features
 from libra_fx.sequence.attention import fit_mask_to_cache
 
@@ -41,6 +42,22 @@ def test_a_stage_on_a_convolution_layer_is_refused():
     model = tiny_model(LFM2_VL)
     with pytest.raises(ValueError, match=r"layer 3 of LFM2-VL is a 'conv' layer, .* attention layers: \[1, 2\]"):
         libra_fx.compile(model, layers=(1, 3), compiler="eager")
+
+
+def test_a_stage_on_a_gated_deltanet_layer_is_refused():
+    """Qwen3.5's tiny decoder: Gated DeltaNet layers 0 and 3, full-attention layers 1 and 2."""
+    model = tiny_model(QWEN3_5)
+    with pytest.raises(ValueError, match=r"layer 0 of Qwen3.5 is a 'linear_attention' layer, .* attention layers: \[1, 2\]"):
+        libra_fx.compile(model, layers=(0, 2), compiler="eager")
+
+
+def test_the_tiny_qwen3_5_prompt_needs_fewer_chunks_once_compressed():
+    """Its verification (tests/test_conformance.py) must cross a chunk boundary of the Gated DeltaNet scan
+    (64 tokens): a prompt of two chunks whose half-compressed sequence fits in one."""
+    model = tiny_model(QWEN3_5)
+    ids = example_inputs(model, QWEN3_5, 2, pad=(0, 3))["input_ids"]
+    visual = int((ids[0] == model.config.image_token_id).sum())
+    assert ids.shape[1] > 64 >= ids.shape[1] - visual // 2
 
 
 def test_the_deepstack_shim_adds_the_same_values_bit_for_bit(qwen3_vl):

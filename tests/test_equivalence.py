@@ -40,7 +40,7 @@ def assert_matches_oracle(logits, model, inputs, tol, **cfg):
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
-@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75])
+@pytest.mark.parametrize("ratio", [0.25, 0.75])
 @pytest.mark.parametrize("method", list(DECODER_METHODS))
 @pytest.mark.parametrize("model_key", list(MODELS), ids="-".join)
 def test_rewritten_graph_matches_oracle(models, traces, model_key, method, ratio, schedule):
@@ -80,10 +80,9 @@ def test_symbolic_sequence_length_matches_oracle(models, run_backend, method):
     "model_key, method, layers, dynamic",
     [
         (("sdpa", "gqa"), "libra", (0, 2), True),
-        (("eager", "mha"), "fastv", (1,), False),
         (("sdpa", "mha"), "turbo", (1,), False),
     ],
-    ids=["libra-sdpa-dynamic", "fastv-eager-static", "turbo-sdpa-static"],
+    ids=["libra-sdpa-dynamic", "turbo-sdpa-static"],  # fastv's ops (a top-k and gathers) are libra's: eager below
 )
 def test_inductor_matches_oracle(models, run_backend, model_key, method, layers, dynamic):
     model = models[model_key]

@@ -225,7 +225,7 @@ def test_qwen_plain_forward_through_libra_fx_compile_matches_oracle(family):
     assert_matches(got, want, 1e-5)
 
 
-@pytest.mark.parametrize("method", ["libra", "fastv"])
+@pytest.mark.parametrize("method", ["libra"])  # fastv: the next test
 def test_llava_next_ragged_batch_generates_as_each_sample_alone(method):
     """Images of different sizes in one batch (72 and 36 visual tokens): each sample is compressed by
     its own counts; the shorter one gets empty slots (README), and its tokens and logits are those of

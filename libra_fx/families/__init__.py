@@ -23,12 +23,13 @@ from libra_fx.families.llava import LLAVA, LLAVA_NEXT, LLAVA_NEXT_VIDEO, LLAVA_O
 from libra_fx.families.plain import (AYA_VISION, COHERE2_VISION, DEEPSEEK_VL, FAST_VLM, INTERNVL, JANUS,
                                      PERCEPTION_LM)
 from libra_fx.families.qwen2_vl import GLM4V, QWEN2_5_VL, QWEN2_VL
+from libra_fx.families.qwen3_5 import QWEN3_5, QWEN3_5_MOE
 from libra_fx.families.qwen3_vl import QWEN3_VL, QWEN3_VL_MOE
 
 FAMILIES: tuple[FamilyAdapter, ...] = (
     LLAVA, LLAVA_NEXT, QWEN2_VL, QWEN2_5_VL, LLAVA_ONEVISION, LLAVA_NEXT_VIDEO, VIDEO_LLAVA, VIPLLAVA, INTERNVL,
     AYA_VISION, DEEPSEEK_VL, JANUS, FAST_VLM, COHERE2_VISION, GLM4V, PERCEPTION_LM, GEMMA3, PALIGEMMA, QWEN3_VL,
-    QWEN3_VL_MOE, LFM2_VL, LLAMA4, MISTRAL3, IDEFICS3, SMOLVLM)
+    QWEN3_VL_MOE, LFM2_VL, LLAMA4, MISTRAL3, IDEFICS3, SMOLVLM, QWEN3_5, QWEN3_5_MOE)
 
 
 def supported_classes() -> list[str]:

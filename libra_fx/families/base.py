@@ -19,6 +19,9 @@ family subclasses it (or instantiates it) and provides:
   after; the generic rule: a stage layer must hold softmax attention (hybrid decoders' ``layer_types``);
 - ``symbolic_length``: whether its decoder derives sizes from the sequence length (MoE routing rows,
   convolution or chunk padding): ``libra_fx.compile`` then keeps the length symbolic from the first call;
+  ``chunk_scans``: whether it pads the sequence up to a multiple of a chunk for a scan that padding
+  chunks do not change (Gated DeltaNet): after a stage the scan keeps the padded length, and with it
+  the chunk count its loop was unrolled for;
 - ``refused_inputs(model, kwargs)``: why a call's inputs are not compressed (it runs uncompressed, with a
   warning); ``bare_backend``: why the family needs ``libra_fx.compile`` (a bare backend refuses it);
 - ``prepare_forward(model, kwargs)``: anything computed before the compiled forward;
@@ -58,6 +61,7 @@ class FamilyAdapter:
     frames: int = 4
     tiles: int = 0
     symbolic_length: bool = False
+    chunk_scans: bool = False
     bare_backend: str = ""  # why a bare torch.compile with libra_fx.backend cannot compress the family ("": it can)
 
     def check_stage_layers(self, config, layers: tuple[int, ...]) -> None:

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 _PER_LAYER = ("per-layer input embeddings (a [B, T, layers, d] tensor read by every decoder layer) and layers "
               "that reuse an earlier layer's KV cache: no adapter yet")
-_DELTANET = ("Gated DeltaNet (linear attention) layers scan the prompt in chunks of 64 tokens, a loop Dynamo unrolls "
-             "for the prompt's chunk count: after a stage they would need fewer chunks whenever the compressed length "
-             "falls below a multiple of 64, so the compressed graph does not hold (issue #16)")
 _QFORMER = "a Q-Former's query tokens stand for the image: no adapter yet"
 _NOT_IMAGE_TEXT = "not an image-to-text decoder LM"
 
@@ -19,7 +16,6 @@ REASONS: dict[str, str] = {
     "gemma4_unified": "layers that reuse an earlier layer's KV cache (KV sharing): no adapter yet",
     "idefics2": "image tiles with text markers (as Idefics3's) fed through a perceiver resampler: no adapter yet",
     "granite_docling": "a connector with a density router and DeepStack merges: no adapter yet",
-    "qwen3_5": _DELTANET, "qwen3_5_moe": _DELTANET,
     "mllama": "cross-attention LM: images are keys of cross-attention layers, not tokens of the sequence",
     "idefics": "cross-attention LM (gated cross-attention to the images)",
     "blip-2": _QFORMER, "instructblip": _QFORMER, "instructblipvideo": _QFORMER,

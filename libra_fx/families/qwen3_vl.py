@@ -42,8 +42,8 @@ class Qwen3Adapter(MRopeAdapter):
 
     def refused_inputs(self, model, kwargs: dict) -> str | None:
         if kwargs.get("pixel_values_videos") is not None:
-            return (f"{self.name} videos are not compressed yet: a timestamp (text) sits before each frame, so a "
-                    "video's placeholders are not one contiguous span (contract §1)")
+            return (f"{self.name} videos are not compressed yet: a timestamp (text) sits before each frame, and "
+                    "the frames are not yet gathered into the one span of their video (contract §1)")
         return None
 
 

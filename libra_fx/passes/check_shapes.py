@@ -6,6 +6,7 @@ Every original node in a stage's region must have its old shape with the sequenc
     view_9   [2, s27, 4, 16]  →  [2, s27 - 17, 4, 16]   ✓
     view_9   [1, 64, 2, 64]   →  [1, 40, 4, 40]          ✗ (a literal 64 was not a length)
     arange_6 [4*s22]          →  [4*s22 - 68]            ✓ (a size derived from T: 4·T')
+    query_15 [2, 4, s22 + Mod(64 - Mod(s22, 64), 64), 16]  →  the same  ✓ (a kept chunk padding)
 
 A failure (an exception, or any other shape) makes the graph unsupported, so a rewrite that would
 silently compute something else is never compiled.
@@ -21,6 +22,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from libra_fx.errors import UnsupportedGraph
 from libra_fx.passes.context import PassResult, RewriteContext
 from libra_fx.passes.fx_utils import INSERTED, is_size_like, value
+from libra_fx.passes.rewire_sequence import PADDED
 
 
 def _hint(ctx: RewriteContext) -> str:
@@ -49,19 +51,23 @@ class _PropagateRewritten(torch.fx.Interpreter):
         return result
 
 
-def _expected(old: tuple, seq_len, new_len) -> tuple:
-    """``old`` with ``T`` replaced by ``T'``, also inside sizes derived from it (``4·T`` → ``4·T'``)."""
+def _expected(old: tuple, seq_len, new_len, kept=frozenset()) -> tuple:
+    """``old`` with ``T`` replaced by ``T'``, also inside sizes derived from it (``4·T`` → ``4·T'``),
+    except inside the ``kept`` padded lengths (``T + Mod(-T, 64)``, rewire_sequence's chunk padding)."""
     if not isinstance(seq_len, torch.SymInt) or not seq_len.node.expr.is_Symbol:
         return tuple(new_len if is_size_like(s, seq_len) else s for s in old)
+    marks = {expr: sympy.Dummy() for expr in kept}
     swap = {seq_len.node.expr: new_len.node.expr if isinstance(new_len, torch.SymInt) else new_len}
-    return tuple(s.node.expr.xreplace(swap) if isinstance(s, torch.SymInt) else s for s in old)
+    unmark = {mark: expr for expr, mark in marks.items()}
+    return tuple(s.node.expr.xreplace(marks).xreplace(swap).xreplace(unmark) if isinstance(s, torch.SymInt) else s
+                 for s in old)
 
 
 def _same(a, b) -> bool:
     if isinstance(a, int) and isinstance(b, int):
         return a == b
     expr = lambda x: x.node.expr if isinstance(x, torch.SymInt) else sympy.sympify(x)  # noqa: E731
-    return bool((expr(a) - expr(b)).simplify() == 0)
+    return expr(a) == expr(b) or bool((expr(a) - expr(b)).simplify() == 0)
 
 
 def run(ctx: RewriteContext) -> PassResult:
@@ -80,13 +86,14 @@ def run(ctx: RewriteContext) -> PassResult:
     owner = {}
     for stage in ctx.stages:  # later stages' regions are inside earlier ones: the last one wins
         owner.update(dict.fromkeys(stage.region, stage))
+    kept = {value(n.meta[PADDED]).node.expr for n in ctx.gm.graph.nodes if PADDED in n.meta}
     checked = 0
     for node, old in ctx.original_shapes.items():
         stage = owner.get(node)
         new = getattr(value(node), "shape", None)
         if stage is None or new is None:
             continue
-        want = _expected(old, ctx.seq_len, value(stage.new_len))
+        want = _expected(old, ctx.seq_len, value(stage.new_len), kept)
         if len(want) != len(new) or not all(_same(a, b) for a, b in zip(want, new)):
             raise UnsupportedGraph(
                 f"after the rewrite {node.name} has shape {list(new)}, expected {list(want)}{_hint(ctx)}"

@@ -11,6 +11,8 @@ outside the region are rewired by what they are::
     [.., T, T] attention mask  → gather_mask(mask, source)      (rows and columns at the sources)
     sizes derived from T, and tensors made from sizes alone → computed again from T'
                                   (``E·T`` routing rows, ``T + k − 1`` convolution lengths)
+    a pad of T up to a multiple of a chunk → T + pad − T'   (families with ``chunk_scans``: the scan
+                                  keeps the prompt's padded length, the chunk count its loop was unrolled for)
     parameters, buffers, anything without T → unchanged
 
     view_9 = linear_21.view((2, s27, -1, 16))        cos_4 = cos_2.unsqueeze(1)
@@ -20,6 +22,10 @@ outside the region are rewired by what they are::
     inv_perm[perm] = arange_6
   + mul_64 = 4 * length;  arange_7 = torch.arange(mul_64)
   → inv_perm[perm] = arange_7
+
+    mod_1 = (64 - s22 % 64) % 64;  query_15 = pad(query_14, (0, 0, 0, mod_1))   # Gated DeltaNet
+  + padded = s22 + mod_1;  keep = padded - length
+  → query_15 = pad(query_14, (0, 0, 0, keep))
 
 With a symbolic length every derived size is an expression of its symbol. A static graph knows only
 ints: those equal to ``T`` are replaced, any other size derived from ``T`` is not (``check_shapes``
@@ -31,11 +37,13 @@ lie inside earlier ones, a later stage re-gathers what an earlier one produced.
 
 from __future__ import annotations
 
+import operator
 import re
 
 import torch
 import torch.fx as fx
 from torch.fx.node import map_aggregate
+from torch.utils._sympy.functions import Mod, PythonMod
 
 from libra_fx.errors import UnsupportedGraph
 from libra_fx.passes.context import PassResult, RewriteContext, Stage
@@ -43,6 +51,8 @@ from libra_fx.passes.fx_utils import INSERTED, ancestors, call, descendants, des
 from libra_fx.sequence.gather import gather_mask, gather_tokens
 
 HIDDEN, LENGTH, MASK, SIZES, KEEP = "hidden", "length", "mask", "sizes", "keep"
+PADS = (torch.nn.functional.pad, torch._C._nn.pad)
+PADDED = "libra_fx_padded_length"  # meta of a kept chunk padding: the node of the padded length it keeps
 WEIGHTS = re.compile(r"_(parameters|buffers)_")
 
 
@@ -119,7 +129,9 @@ def _replacement(ctx: RewriteContext, stage: Stage, node: fx.Node, kind, made: d
     if node not in made:
         graph = ctx.gm.graph
         with graph.inserting_before(user):  # ``node`` may be defined after the stage (e.g. in layer L+1)
-            if kind == SIZES:
+            if kind == SIZES and _pads_to_a_chunk(ctx, node, user):
+                made[node] = _keep_padded_length(ctx, stage, node)
+            elif kind == SIZES:
                 made[node] = _recompute(ctx, stage, node, made, user)
             elif kind == MASK:
                 made[node] = call(graph, gather_mask, node, stage.source)
@@ -146,6 +158,27 @@ def _recompute(ctx: RewriteContext, stage: Stage, node: fx.Node, made: dict, use
     copy.meta = {k: v for k, v in node.meta.items() if k not in ("val", "example_value")}
     copy.meta[INSERTED] = True
     return copy
+
+
+def _pads_to_a_chunk(ctx: RewriteContext, node: fx.Node, user: fx.Node) -> bool:
+    """Whether ``node`` is how far ``user`` pads the sequence up to a multiple of a chunk
+    (``Mod(-T, 64)``), in a family whose scans over such chunks are not changed by padding chunks."""
+    v = value(node)
+    return (ctx.family.chunk_scans and user.target in PADS
+            and (PADDED in node.meta or isinstance(v, torch.SymInt) and v.node.expr.has(Mod, PythonMod)))
+
+
+def _keep_padded_length(ctx: RewriteContext, stage: Stage, node: fx.Node) -> fx.Node:
+    """The padding that keeps the prompt's padded length ``P = T + pad``: ``P − T'``. The scan then runs
+    the chunks its loop was unrolled for; the extra ones hold only padding."""
+    graph = ctx.gm.graph
+    padded = node.meta.get(PADDED)
+    if padded is None:  # the first stage: T is the length the padding was computed from
+        length = next(a for a in ancestors(node) if classify(ctx, a) == LENGTH)
+        padded = call(graph, operator.add, length, node)
+    keep = call(graph, operator.sub, padded, stage.new_len)
+    keep.meta[PADDED] = padded
+    return keep
 
 
 def _replace_literal_length(arg, seq_len: int, new_len: fx.Node):

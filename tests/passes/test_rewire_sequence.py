@@ -2,6 +2,7 @@
 and per-token data (RoPE cos/sin, masks) gathered by the stage's ``source``."""
 
 import dataclasses
+import operator
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from passkit import (flat_args, in_module, inserted, inserted_counts, layer_of, 
 from libra_fx.errors import UnsupportedGraph
 from libra_fx.families import QWEN2_VL
 from libra_fx.passes import fx_utils, rewire_sequence
-from libra_fx.passes.context import RewriteContext
+from libra_fx.passes.context import RewriteContext, Stage
 from libra_fx.sequence.gather import gather_mask, gather_tokens
 from libra_fx.sequence.splice import compress_visual_tokens
 
@@ -224,3 +225,49 @@ def test_a_stage_before_a_deepstack_layer_is_refused(qwen3_vl_graph, layers, ref
     else:
         rewire_sequence.run(ctx)
         check_no_old_input_survives(ctx)
+
+
+
+def _chunk_padding_graph():
+    """``pad(query, (0, 0, 0, (64 - T % 64) % 64))`` with a symbolic ``T`` (81) and the lengths of two stages."""
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    env, graph = ShapeEnv(), fx.Graph()
+    lengths = {}
+    for name, hint in (("length", 81), ("first", 50), ("second", 30)):
+        lengths[name] = graph.placeholder(name)
+        lengths[name].meta["val"] = env.create_symintnode(env.create_symbol(hint, ConstantSource(name)), hint=hint)
+    query = graph.placeholder("query")
+    mod = graph.call_function(operator.mod, (lengths["length"], 64))
+    sub = graph.call_function(operator.sub, (64, mod))
+    pad = graph.call_function(operator.mod, (sub, 64))
+    for node in (mod, sub, pad):
+        node.meta["val"] = node.target(*(fx_utils.value(a) if isinstance(a, fx.Node) else a for a in node.args))
+    graph.output(graph.call_function(torch.nn.functional.pad, (query, (0, 0, 0, pad))))
+    return fx.GraphModule(torch.nn.Module(), graph), lengths
+
+
+@pytest.mark.parametrize("chunk_scans, padded", [(True, [128, 128]), (False, [64, 64])])
+def test_a_chunk_padding_keeps_the_padded_length(chunk_scans, padded):
+    """Qwen3.5's Gated DeltaNet pads T up to a multiple of 64 and scans the chunks in a loop unrolled for
+    T's chunk count: after each stage the pad is ``T + pad − T'``, so the padded length stays the
+    prompt's (T = 81: 128 at T' = 50, then at T'' = 30). Without ``chunk_scans`` it is computed again
+    from the new length (64)."""
+    from libra_fx.families import QWEN3_5
+
+    gm, lengths = _chunk_padding_graph()
+    ctx = RewriteContext(gm, None, family=dataclasses.replace(QWEN3_5, chunk_scans=chunk_scans))
+    ctx.seq_len, ctx.batch = fx_utils.value(lengths["length"]), 2
+    (user,) = gm.graph.find_nodes(op="call_function", target=torch.nn.functional.pad)
+    got = []
+    for name, new_len in (("first", 50), ("second", 30)):
+        stage = Stage(layer=1, layer_nodes=[], layer_output=None, new_len=lengths[name])
+        ctx.derived[stage.new_len] = rewire_sequence.LENGTH
+        arg = user.args[1][3]
+        kind = rewire_sequence.classify(ctx, arg)
+        assert kind == rewire_sequence.SIZES
+        user.args = (user.args[0], (0, 0, 0, rewire_sequence._replacement(ctx, stage, arg, kind, {}, user)))
+        gm.recompile()
+        got.append(gm(81, 50, 30, torch.zeros(1, 1, new_len, 1)).shape[2])
+    assert got == padded
