@@ -43,7 +43,7 @@ SUITE_CASES = [case for case in CASES if case[2] == 2]
 FEWER_CASES = {"qwen3_5": [("libra", (1, 2), 2)]}  # about 13 s a case (the fake propagation of its chunked
 # scans): the two-stage libra only, whose prompt of two chunks compresses into one
 NOT_IN_SUITE = {"qwen3_5_moe": "Qwen3.5's adapter and chunked scans with Qwen3-VL-MoE's routing rows, both verified "
-                               "here; `libra-fx families --only qwen3_5_moe` verifies it (about 3 minutes)"}
+                               "here; `libra-fx families --only qwen3_5_moe` verifies it"}
 
 
 @pytest.mark.parametrize("model_type", list(BY_TYPE))

@@ -227,7 +227,6 @@ def test_a_stage_before_a_deepstack_layer_is_refused(qwen3_vl_graph, layers, ref
         check_no_old_input_survives(ctx)
 
 
-
 def _chunk_padding_graph():
     """``pad(query, (0, 0, 0, (64 - T % 64) % 64))`` with a symbolic ``T`` (81) and the lengths of two stages."""
     from torch._dynamo.source import ConstantSource
