@@ -59,7 +59,8 @@ def compile(model, ratio=0.5, layers=(7, 15, 23), method="libra", tau=None, eta=
     with a ``LibraFallbackWarning`` naming it (``strict=True``: ``UnsupportedGraph``).
     The backend is ``model.libra_backend`` (its ``records`` say what happened).
     Prompts of new lengths recompile once, then share a graph with a symbolic length
-    (Dynamo's automatic dynamic shapes): two prefill and two decode graphs in all.
+    (Dynamo's automatic dynamic shapes); decode steps share one graph from the first (the cache's
+    growing length is marked dynamic): two prefill graphs and one decode graph in all.
     ``fullgraph=False`` (the default) lets the vision code of LLaVA-NeXT and Qwen2-VL break the
     graph; the graph that holds the visual tokens and the decoder is compressed. Only the default
     dynamic KV cache is supported (``ValueError`` for a static one).
@@ -93,6 +94,7 @@ def compile(model, ratio=0.5, layers=(7, 15, 23), method="libra", tau=None, eta=
         if be.state.uncompressed_reason(args, kwargs) is not None:
             return eager_forward(*args, **kwargs)
         static_batch(args, kwargs)
+        growing_lengths_dynamic(kwargs)
         try:
             with torch._dynamo.config.patch(capture_scalar_outputs=True,  # no break at feature-count checks
                                             recompile_limit=max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)), \
@@ -166,6 +168,21 @@ def static_batch(args: tuple, kwargs: dict) -> None:
     for value in (*args[:1], *kwargs.values()):
         if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == ids.shape[0]:
             torch._dynamo.mark_static(value, 0)
+
+
+def growing_lengths_dynamic(kwargs: dict) -> None:
+    """Mark a decode step's growing lengths dynamic at once (the KV cache's, the 2-D attention mask's):
+    with Dynamo's automatic dynamic shapes the second step would compile the step's graph again."""
+    cache = kv_cache(kwargs)
+    if cache is None or not cache.get_seq_length():
+        return
+    for layer in getattr(cache, "layers", ()):
+        for kv in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(kv, torch.Tensor) and kv.dim() == 4:
+                torch._dynamo.maybe_mark_dynamic(kv, 2)
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        torch._dynamo.maybe_mark_dynamic(mask, 1)
 
 
 TOKEN_INPUTS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "token_type_ids", "mm_token_type_ids")

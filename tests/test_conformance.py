@@ -33,17 +33,21 @@ BY_TYPE = {f.model_types[0]: f for f in families.FAMILIES}
 # see FEWER_CASES) and the identity check:
 INDUCTOR = ("cohere2_vision",)  # Inductor costs about a minute per family on 2 cores: a sample here;
 # LLaVA, LLaVA-NeXT and Qwen2-VL have Inductor tests of their own
-WITH_B1 = ("llava", "qwen3_vl_moe")  # B=1 is one more trace: a causal and a DeepStack family here (B=1 of
-# LLaVA-NeXT, Qwen2-VL: tests/test_models.py)
+WITH_B1 = ("llava",)  # B=1 is one more trace: a causal family here (B=1 of LLaVA-NeXT, Qwen2-VL:
+# tests/test_models.py)
 TWINS = {"llava_next_video": "llava_next", "video_llava": "llava", "vipllava": "llava", "smolvlm": "idefics3",
          "qwen3_vl": "qwen3_vl_moe", "aya_vision": "cohere2_vision", "janus": "deepseek_vl"}  # same adapter and
-# decoder kind as the row named, which checks generate() in the suite
+# decoder kind as the row named, which the suite runs: the command verifies them
 VIDEO_TESTED_ELSEWHERE = ("qwen2_vl", "qwen2_5_vl")  # their videos: tests/test_models.py (and the command)
+GENERATE_TESTED_ELSEWHERE = ("llava_next", "qwen2_vl", "qwen2_5_vl")  # libra, two stages, the left-padded B=2
+# against their own oracles: tests/test_models.py
 SUITE_CASES = [case for case in CASES if case[2] == 2]
 FEWER_CASES = {"qwen3_5": [("libra", (1, 2), 2)]}  # about 13 s a case (the fake propagation of its chunked
 # scans): the two-stage libra only, whose prompt of two chunks compresses into one
 NOT_IN_SUITE = {"qwen3_5_moe": "Qwen3.5's adapter and chunked scans with Qwen3-VL-MoE's routing rows, both verified "
-                               "here; `libra-fx families --only qwen3_5_moe` verifies it"}
+                               "here; `libra-fx families --only qwen3_5_moe` verifies it",
+                **{twin: f"{row}'s adapter and decoder kind, verified here; `libra-fx families --only {twin}` verifies it"
+                   for twin, row in TWINS.items()}}
 
 
 @pytest.mark.parametrize("model_type", list(BY_TYPE))
@@ -52,12 +56,13 @@ def test_family_is_verified(model_type):
     (eager ≤ 1e-5, Inductor ≤ 1e-4), generate, identity."""
     family = BY_TYPE[model_type]
     assert set(WITH_B1) | set(TWINS) | set(TWINS.values()) | set(INDUCTOR) | set(FEWER_CASES) | set(NOT_IN_SUITE) \
-        <= set(BY_TYPE)
+        | set(GENERATE_TESTED_ELSEWHERE) <= set(BY_TYPE)
     if model_type in NOT_IN_SUITE:
         pytest.skip(NOT_IN_SUITE[model_type])
     modalities = ("image",) if model_type in VIDEO_TESTED_ELSEWHERE else None
     cases = CASES if model_type in WITH_B1 else FEWER_CASES.get(model_type, SUITE_CASES)
-    result = verify(family, modalities, inductor=model_type in INDUCTOR, cases=cases, generate=model_type not in TWINS)
+    result = verify(family, modalities, inductor=model_type in INDUCTOR, cases=cases,
+                    generate=model_type not in GENERATE_TESTED_ELSEWHERE)
     assert result.passed, "\n".join(f"{c.name}: {c.detail}" for c in result.failures())
 
 

@@ -64,7 +64,8 @@ def test_each_sample_of_a_padded_batch_equals_its_prompt_alone(attn):
 
 
 def test_recompilation_stays_bounded():
-    """20 prompts whose lengths spread over 2×: two prefill and two decode graphs in all."""
+    """20 prompts whose lengths spread over 2×: two prefill graphs and one decode graph in all (the
+    cache's growing length is dynamic from the first decode step)."""
     model = compiled_model(method="libra", ratio=0.5, layers=(1,))
     counters.clear()
     lengths = []
@@ -77,7 +78,7 @@ def test_recompilation_stays_bounded():
     prefill = [r for r in records if r.compressed]
     decode = [r for r in records if not r.compressed]
     assert counters["stats"]["unique_graphs"] == len(records)
-    assert len(prefill) <= 2 and len(decode) <= 2, [r.reason for r in records]
+    assert len(prefill) <= 2 and len(decode) == 1, [r.reason for r in records]
 
 
 def test_use_cache_false_compresses_every_step():
