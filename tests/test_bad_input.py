@@ -86,7 +86,7 @@ def test_model_of_no_known_family_falls_back_with_a_warning():
     no-decoder message itself is checked in tests/passes/test_locate_decoder.py)."""
     model, (ids, pix) = NoDecoderLayers(), _no_decoder_inputs()
     torch._dynamo.reset()
-    be = libra_fx.backend(layers=(0,))
+    be = libra_fx.backend(layers=(0,), compiler="eager")
     with pytest.warns(libra_fx.LibraFallbackWarning, match=r"compiling this graph uncompressed: the model \(Embedding, Linear\) belongs to no family libra-fx has an adapter for"):
         out = torch.compile(model, backend=be)(ids, pix)
     assert not be.last.compressed
@@ -140,7 +140,7 @@ class WhereInsertion(torch.nn.Module):
 def test_unsupported_visual_insertion_warns():
     model, (ids, pix) = WhereInsertion(), _no_decoder_inputs()
     torch._dynamo.reset()
-    be = libra_fx.backend(layers=(0,))
+    be = libra_fx.backend(layers=(0,), compiler="eager")
     with pytest.warns(libra_fx.LibraFallbackWarning, match="no masked_scatter of visual features"):
         out = torch.compile(model, backend=be)(ids, pix)
     torch.testing.assert_close(out, model(ids, pix))

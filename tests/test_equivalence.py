@@ -84,7 +84,9 @@ def test_symbolic_sequence_length_matches_oracle(models, run_backend, method):
     ],
     ids=["libra-sdpa-dynamic", "turbo-sdpa-static"],  # fastv's ops (a top-k and gathers) are libra's: eager below
 )
-def test_inductor_matches_oracle(models, run_backend, model_key, method, layers, dynamic):
+def test_inductor_matches_oracle(request, models, run_backend, model_key, method, layers, dynamic):
+    if method == "turbo":  # Inductor's default (vectorized) CPU kernels; the suite's other Inductor tests: scalar
+        request.getfixturevalue("vectorized_inductor")
     model = models[model_key]
     inputs = tiny_llava_inputs(model, batch=2)
     cfg = dict(method=method, ratio=0.5, layers=layers)

@@ -185,6 +185,7 @@ def harness_answers(pictures) -> dict[str, list[str]]:
     return {name: [st.VOCAB[t] for t in value.argmax(-1).tolist()] for name, value in logits.items()}
 
 
+@pytest.mark.first
 def test_lmms_eval_runs_the_shapes_task_like_the_fidelity_harness(tmp_path):
     python = eval_python()
     task = tmp_path / "task"

@@ -85,6 +85,21 @@ def test_num_targets_half_up_with_decimal_ratios(n, ratio, expected):
     assert num_targets(n, ratio) == expected
 
 
+@pytest.mark.parametrize("ratio", [0.0, 0.25, 0.3, 0.5, 0.55, 0.75, 0.9, 0.99])
+def test_num_targets_of_a_symbolic_length_equals_the_int_result(ratio):
+    """An image of any size (a SymInt ``N``, as the compiled graph has it) gets the count of the int rule;
+    for ``R ≤ 0.5`` the expression has no clamp (a nested ``Max`` slows sympy in every later stage)."""
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv, guard_int
+
+    env = ShapeEnv()
+    for n in range(2, 65):  # 0 and 1 are specialized, as Dynamo specializes them
+        symbolic = env.create_symintnode(env.create_symbol(n, ConstantSource(f"n{n}")), hint=n)
+        kept = num_targets(symbolic, ratio)
+        assert isinstance(kept, torch.SymInt) and guard_int(kept) == num_targets(n, ratio), n
+        assert ("Max" in str(kept)) == (ratio > 0.5), kept
+
+
 # ---- PTI (contract §3) ---------------------------------------------------------------------------
 
 # Interval i covers floor(i·N/Nt) .. floor((i+1)·N/Nt) − 1, written out by hand.

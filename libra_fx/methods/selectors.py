@@ -22,6 +22,8 @@ def num_targets(n, ratio: float):
     kept = (2 * n * keep.numerator + keep.denominator) // (2 * keep.denominator)
     if isinstance(n, int):
         return min(max(kept, 1), n)
+    if 2 * keep >= 1:  # R ≤ 0.5: kept ≥ 1 for every n ≥ 1 (and 0 for n = 0, as above), so no clamp to write
+        return kept
     # kept ≤ n always (p ≤ q), so only the lower clamp is written: each stage nests one Max, not a
     # Min of a Max, in the next stage's length (sympy's view/reshape checks slow down with nesting)
     return torch.sym_max(kept, 1)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import sympy
 import torch
 from torch._dispatch.python import enable_python_dispatcher
-from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.fake_tensor import FakeTensor, disable_fake_tensor_cache
 
 from libra_fx.errors import UnsupportedGraph
 from libra_fx.passes.context import PassResult, RewriteContext
@@ -45,7 +45,9 @@ class _PropagateRewritten(torch.fx.Interpreter):
     def run_node(self, n):
         if n.op == "placeholder" or not (n in self.changed or n.meta.get(INSERTED) or n.op == "output"):
             return value(n)
-        with self.mode, enable_python_dispatcher():  # as Dynamo traced it (symbolic pads, …)
+        # as Dynamo traced it (symbolic pads, …); without the fake-tensor cache, whose entries for symbolic
+        # shapes cost more to build than the one run of each node they would serve (about a third of the pass)
+        with self.mode, enable_python_dispatcher(), disable_fake_tensor_cache(self.mode):
             result = super().run_node(n)
         n.meta["val"] = result
         return result
