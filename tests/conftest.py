@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(__file__))  # the oracle and helpers live bes
 
 from harness import compile_and_run  # noqa: E402
 
-# Inductor's CPU kernels without SIMD: gcc builds them in about 60 % of the time on 2 cores. The graphs
+# Inductor's CPU kernels without SIMD: gcc builds them in about two thirds of the time. The graphs
 # libra-fx hands Inductor, and Inductor's lowering of them, are the same; the ``vectorized_inductor``
 # fixture gives a test the default kernels (TORCHINDUCTOR_VEC_ISA_OK in the environment overrides both).
 if "TORCHINDUCTOR_VEC_ISA_OK" not in os.environ:
