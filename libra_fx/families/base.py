@@ -12,9 +12,8 @@ family subclasses it (or instantiates it) and provides:
   of ``[N_i, D]``, or one ``[n, N, D]``); each image or video is one span (contract §1). ``span_notes``
   says what the family's spans hold;
 - ``position_rows``: the leading rows of multi-axis position ids and RoPE tables (``()``: 1-D);
-- ``vision_methods``: whether its tower has the [CLS] token the vision-side methods need;
-  ``projector``: the name of the module that maps the tower's features to the decoder's width
-  (the vision-side methods merge at its input);
+- ``vision_tower``: what the vision-side methods need to know of its tower (:class:`VisionTower`;
+  ``None``: the vision-side methods are not verified on the family);
 - ``check_stage_layers(config, layers)``: ``ValueError`` for a stage layer the family cannot compress
   after; the generic rule: a stage layer must hold softmax attention (hybrid decoders' ``layer_types``);
 - ``symbolic_length``: whether its decoder derives sizes from the sequence length (MoE routing rows,
@@ -45,14 +44,25 @@ SOFTMAX_ATTENTION = frozenset({"full_attention", "sliding_attention", "chunked_a
 
 
 @dataclass(frozen=True)
+class VisionTower:
+    """A family's vision tower, as the vision-side methods see it.
+
+    ``cls_token``: a [CLS] token precedes each image's patches in the tower's attention (PruMerge's query);
+    ``projector``: the name of the module that maps the tower's features to the decoder's width (the
+    vision-side methods merge at its input)."""
+
+    cls_token: bool = True
+    projector: str = "multi_modal_projector"
+
+
+@dataclass(frozen=True)
 class FamilyAdapter:
     name: str
     classes: tuple[str, ...]
     modeling: tuple[str, ...] = ()
     span_notes: str = "one span per image"
     position_rows: tuple[int, ...] = ()
-    vision_methods: bool = False
-    projector: str = "multi_modal_projector"
+    vision_tower: VisionTower | None = None
     graph_break_hint: str = ""
     model_types: tuple[str, ...] = ()
     tiny: dict = field(default_factory=dict)

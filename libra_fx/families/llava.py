@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from libra_fx.families.base import FamilyAdapter, _pixels
+from libra_fx.families.base import FamilyAdapter, VisionTower, _pixels
 
 # any-resolution tiny configs: 16-px base tiles of 4×4 patches, grid pinpoints up to 32×32
 _ANYRES = dict(image_grid_pinpoints=[[16, 32], [32, 16], [32, 32]], vision_config=dict(image_size=16, patch_size=4))
@@ -41,7 +41,7 @@ def anyres_tiles(config, image_size: tuple[int, int]) -> int:
 LLAVA = FamilyAdapter(
     "LLaVA-1.5", ("LlavaForConditionalGeneration", "LlavaModel"), ("modeling_llava",),
     span_notes="one span per image; the [CLS] token is dropped before the projector",
-    vision_methods=True, model_types=("llava",),
+    vision_tower=VisionTower(cls_token=True), model_types=("llava",),
 )
 
 LLAVA_NEXT = AnyResAdapter(

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from libra_fx.families.base import FamilyAdapter, _pixels
+from libra_fx.families.base import FamilyAdapter, VisionTower, _pixels
 
 MARKERS = dict(break_=120, end=121, around=122, global_=123, newline=124, first_tile=125)  # tiny prompts only
 
@@ -100,10 +100,10 @@ IDEFICS3 = TiledAdapter(
     "Idefics3", ("Idefics3ForConditionalGeneration", "Idefics3Model"), ("modeling_idefics3",),
     span_notes=("one span per image: its tiles and global view, with the tile markers (text) between them; "
                 "one image per sample"),
-    model_types=("idefics3",), projector="connector",
+    model_types=("idefics3",), vision_tower=VisionTower(cls_token=False, projector="connector"),
 )
 
 SMOLVLM = TiledAdapter(
     "SmolVLM", ("SmolVLMForConditionalGeneration", "SmolVLMModel"), ("modeling_smolvlm",),
-    span_notes=IDEFICS3.span_notes, model_types=("smolvlm",), projector="connector",
+    span_notes=IDEFICS3.span_notes, model_types=("smolvlm",), vision_tower=IDEFICS3.vision_tower,
 )

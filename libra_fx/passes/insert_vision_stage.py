@@ -100,7 +100,7 @@ def projector_input(graph: fx.Graph, features: fx.Node, projector: str, images: 
 def run(ctx: RewriteContext) -> PassResult:
     result = PassResult("insert_vision_stage")
     cfg, graph, method = ctx.config, ctx.gm.graph, ctx.config.spec.method
-    if not ctx.family.vision_methods:
+    if ctx.family.vision_tower is None or not ctx.family.vision_tower.cls_token:
         raise UnsupportedGraph(f"{cfg.method} needs a vision tower with a [CLS] token and is verified only on the "
                                f"families whose adapter says so; {ctx.family.name}'s does not")
     if len(ctx.scatters) != 1:
@@ -115,7 +115,7 @@ def run(ctx: RewriteContext) -> PassResult:
     site = find_attention(last, nodes)
     images = ctx.batch * spans_per_sample
     _check_site(site, images, per_image)
-    features, readers = projector_input(graph, visual.args[2], ctx.family.projector, images, per_image,
+    features, readers = projector_input(graph, visual.args[2], ctx.family.vision_tower.projector, images, per_image,
                                         [site.query, site.key])
     slots = method.capacity(per_image, cfg.ratio)
     options = cfg.spec.items()

@@ -12,6 +12,7 @@ from passkit import in_module, inserted, inserted_counts, make_ctx, position, ru
 
 from libra_fx.errors import UnsupportedGraph
 from libra_fx.families import LLAVA, LLAVA_NEXT, QWEN2_VL
+from libra_fx.families.base import VisionTower
 from libra_fx.passes import fx_utils, insert_vision_stage
 from libra_fx.passes.matchers import AttentionKind
 from libra_fx.sequence.splice import visual_span_mask
@@ -80,7 +81,7 @@ def test_record_adds_records0(llava_graph):
 
 
 def test_projector_input_is_found_by_the_adapters_name(llava_graph):
-    ctx = make_ctx(llava_graph, method="prumerge", family=dataclasses.replace(LLAVA, projector="mm_projector"))
+    ctx = make_ctx(llava_graph, method="prumerge", family=dataclasses.replace(LLAVA, vision_tower=VisionTower(projector="mm_projector")))
     run_until(ctx, "insert_vision_stage")
     with pytest.raises(UnsupportedGraph, match=r"'mm_projector' module .* takes 0 \[2, 36, D\] inputs"):
         insert_vision_stage.run(ctx)
@@ -105,7 +106,7 @@ def test_family_without_vision_methods_is_refused(llava_graph):
 
 def test_tower_outside_the_graph_is_refused(qwen_graph):
     """Qwen2-VL's forward breaks the graph around the vision tower: the features are a graph input."""
-    pretend = dataclasses.replace(QWEN2_VL, vision_methods=True)
+    pretend = dataclasses.replace(QWEN2_VL, vision_tower=VisionTower())
     ctx = make_ctx(qwen_graph, method="prumerge", family=pretend)
     run_until(ctx, "insert_vision_stage")
     with pytest.raises(UnsupportedGraph, match="needs the vision tower inside the compiled graph"):
@@ -113,7 +114,7 @@ def test_tower_outside_the_graph_is_refused(qwen_graph):
 
 
 def test_ragged_spans_are_refused(next_ragged_graph):
-    pretend = dataclasses.replace(LLAVA_NEXT, vision_methods=True)
+    pretend = dataclasses.replace(LLAVA_NEXT, vision_tower=VisionTower())
     ctx = make_ctx(next_ragged_graph, method="prumerge", family=pretend, serves_decode=True)
     run_until(ctx, "insert_vision_stage")
     with pytest.raises(UnsupportedGraph, match=r"images of one static token count per graph, got spans 72 \| 36"):
