@@ -36,6 +36,7 @@ import warnings
 import torch
 
 import libra_fx
+from libra_fx.runtime import compat
 from libra_fx import shapes_task as st
 from libra_fx.reports.flops import DecoderShape, total_flops
 from libra_fx.methods import METHODS, VISION_METHODS, get_method, is_vision_method, visual_token_counts
@@ -81,17 +82,17 @@ def evaluate(model, data, spec, ratio, layers, batch, compiler):
     """Logits through the backend, and (vision-side methods) the tokens per picture ``[N]`` (extra token
     included), read off the compiled graph's ``valid`` side output (``None`` for decoder-side methods)."""
     method = spec.name
-    torch._dynamo.reset()
+    compat.reset_dynamo()
     be = libra_fx.backend(ratio, layers, spec, compiler=compiler, strict=True)
     forward = torch.compile(model.forward, backend=be, fullgraph=True)
     padding = []
 
     def run(**inputs):
         out = forward(**inputs)
-        side = be.state.side_outputs
+        side = be.side_outputs
         if side is not None:  # source, valid: one picture per question, C slots each
             padding.append((~side["valid"]).sum(-1))
-            be.state.side_outputs = None
+            be.side_outputs = None
         return out
 
     with warnings.catch_warnings():

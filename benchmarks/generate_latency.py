@@ -21,6 +21,7 @@ import time
 import torch
 
 import libra_fx
+from libra_fx.runtime import compat
 from libra_fx.testing import tiny_llava, tiny_llava_inputs
 
 METHODS = {
@@ -52,7 +53,7 @@ def main() -> None:
     for name, cfg in METHODS.items():
         if args.only and name not in args.only:
             continue
-        torch._dynamo.reset()
+        compat.reset_dynamo()
         model = tiny_llava(num_layers=args.layers, hidden_size=args.hidden, num_heads=args.hidden // 64,
                            num_kv_heads=args.hidden // 64, intermediate_size=int(args.hidden * 2.75),
                            image_size=192, patch_size=8, vocab_size=32000)

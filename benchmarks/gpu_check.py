@@ -32,6 +32,7 @@ import transformers
 from transformers import LlavaForConditionalGeneration
 
 import libra_fx
+from libra_fx.conformance import tiny
 from libra_fx.methods import visual_token_counts
 from libra_fx.testing import num_visual_tokens, tiny_llava_config
 from speed import prompt, replica, sync
@@ -52,16 +53,9 @@ def settings(num_layers: int) -> dict:
 
 
 def build(dims: dict, device: str, dtype: torch.dtype):
-    """Random weights drawn on ``device`` in ``dtype``, run once eagerly (as ``libra_fx.testing.tiny_llava`` does)."""
-    torch.manual_seed(0)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlavaForConditionalGeneration(tiny_llava_config(**dims))
-    finally:
-        torch.set_default_dtype(default)
-    model = model.to(dtype).eval()
+    """Random weights drawn on ``device`` in ``dtype`` (the tiny-model factory, ``libra_fx.conformance.tiny.build``),
+    run once eagerly (as ``libra_fx.testing.tiny_llava`` is)."""
+    model = tiny.build(LlavaForConditionalGeneration, tiny_llava_config(**dims), 0, dtype=dtype, device=device)
     model.generation_config.eos_token_id = None
     inputs = prompt(model, device, dtype)
     with torch.no_grad():

@@ -47,7 +47,8 @@ from dataclasses import dataclass, field
 import torch
 
 import libra_fx
-from libra_fx.hf_compat import prompt_tokens, returned_cache
+from libra_fx.runtime import compat
+from libra_fx.runtime.compat import prompt_tokens, returned_cache
 from libra_fx.methods import DECODER_METHODS, get_method, visual_token_counts
 from libra_fx.methods.importance import last_row_importance
 from libra_fx.methods.selectors import num_targets
@@ -161,7 +162,7 @@ def fastv_patch(model, layer: int, kept: int, scores: str = "row"):
 
 
 def dynamo_counts() -> dict:
-    c = torch._dynamo.utils.counters
+    c = compat.dynamo_counters()
     return dict(graphs=c["stats"]["unique_graphs"], compiles=c["frames"]["total"],
                 breaks=sum(c["graph_break"].values()))
 
@@ -194,10 +195,10 @@ class Row:
 
         @functools.wraps(forward)
         def timed(*args, **kwargs):
-            start = time.perf_counter()
+            start, graphs = time.perf_counter(), be and be.graphs_run
             out = forward(*args, **kwargs)
             sync(out.logits.device.type)
-            ran = None if be is None else bool(be.state.graphs_run)
+            ran = None if be is None else be.graphs_run > graphs
             self.calls.append((time.perf_counter() - start, prompt_tokens(args, kwargs).shape[1], ran))
             return out
 
@@ -367,7 +368,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    torch._dynamo.reset()
+    compat.reset_dynamo()
     base = build_model(args.layers, args.hidden, args.attn, args.device, dtype)
     inputs = prompt(base, args.device, dtype)
     total = inputs["input_ids"].shape[1]

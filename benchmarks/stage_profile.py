@@ -38,6 +38,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.passes.split_module import split_module
 
 import libra_fx
+from libra_fx.runtime import compat
 import libra_fx.sequence.splice as splice_module
 from libra_fx.methods import DECODER_METHODS
 from libra_fx.methods.importance import last_row_importance
@@ -88,17 +89,13 @@ class TimedPart(torch.nn.Module):
     def _compile(self, args):
         if self.compiler == "eager" or self.part == "stage":  # a stage run only calls its own cut graph
             return self.gm
-        from torch._inductor.compile_fx import compile_fx
-        from torch._subclasses.fake_tensor import FakeTensorMode
-        from torch.fx.experimental.symbolic_shapes import ShapeEnv
-
-        fake = FakeTensorMode(shape_env=ShapeEnv())  # a shape env: transformers' count checks call .item()
+        fake = compat.fake_mode_with_shape_env()  # a shape env: transformers' count checks call .item()
         for node in self.gm.graph.nodes:  # values traced in Dynamo's shape env, not this one
             for key in ("val", "example_value", "unbacked_bindings"):
                 node.meta.pop(key, None)
         example = [fake.from_tensor(a, static_shapes=True) if isinstance(a, torch.Tensor) else a for a in args]
-        with torch._guards.tracing(torch._guards.TracingContext(fake)):
-            return compile_fx(self.gm, example)
+        with compat.tracing(compat.tracing_context(fake)):
+            return compat.inductor(self.gm, example)
 
 
 def sync(device: str) -> None:

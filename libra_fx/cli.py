@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
         sub.add_argument("--out", help="write here (diff: .html for the page, else text; show: the PNG)")
     table = commands.add_parser("families", help="every image-text-to-text class of the installed transformers: "
                                 "verified on tiny models against the oracle, refused (why), or not built (why)")
-    table.add_argument("--markdown", action="store_true", help="print the README's table")
+    table.add_argument("--markdown", action="store_true", help="print the table of docs/models.md")
     table.add_argument("--only", nargs="+", default=(), metavar="MODEL_TYPE", help="these model types only")
     table.add_argument("--no-verify", action="store_true", help="list without running the checks (fast)")
     task = commands.add_parser("lmms-task", help="write the shapes-VQA task for lmms-eval (parquet + YAML; "
@@ -103,13 +103,10 @@ def _show(args) -> None:
 
 
 def _families(args) -> None:
-    import logging
-
-    import torch
-
     from libra_fx.conformance import table
+    from libra_fx.runtime.compat import quiet_dynamo_logs
 
-    torch._logging.set_logs(dynamo=logging.ERROR)
+    quiet_dynamo_logs()
 
     def report(row, result):
         if not args.markdown:

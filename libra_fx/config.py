@@ -49,6 +49,22 @@ class CompressionConfig:
             raise ValueError(f"method must be a name or libra_fx.method(...), got {method!r}")
         return cls(ratio=ratio, layers=layers, spec=spec)
 
+    @classmethod
+    def resolve(cls, config: CompressionConfig | None, ratio=0.5, layers=(7, 15, 23), method="libra", tau=None,
+                eta=None) -> CompressionConfig:
+        """``config`` when given (``ValueError`` if a setting is also given beside it), else :meth:`build`
+        from the others: the arguments of :func:`libra_fx.compile` and :func:`libra_fx.backend`, parsed once."""
+        if config is None:
+            return cls.build(ratio, layers, method, tau, eta)
+        if not isinstance(config, CompressionConfig):
+            raise ValueError(f"config must be a libra_fx.CompressionConfig, got {config!r}")
+        given = [name for name, value, default in (("ratio", ratio, 0.5), ("layers", layers, (7, 15, 23)),
+                                                    ("method", method, "libra"), ("tau", tau, None), ("eta", eta, None))
+                 if value != default]
+        if given:
+            raise ValueError(f"give either config= or {', '.join(given)}, not both")
+        return config
+
     @property
     def method(self) -> str:
         return self.spec.name

@@ -8,12 +8,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import warnings
 from dataclasses import dataclass, field
 
-import torch
 import torch.fx as fx
-from torch._logging import trace_structured
 
 from libra_fx.config import CompressionConfig
 from libra_fx.errors import LibraFallbackWarning, NothingToCompress, UnsupportedGraph
@@ -21,7 +21,9 @@ from libra_fx.passes import fx_utils, run_pipeline
 from libra_fx.passes.context import PassResult, RewriteContext
 from libra_fx.passes.return_side_outputs import SIDE_OUTPUTS
 from libra_fx.reports.diff import diff
-from libra_fx.state import ModelState
+from libra_fx.runtime import compat
+
+log = logging.getLogger("libra_fx.backend")
 
 COMPILERS = ("inductor", "eager")
 
@@ -48,22 +50,29 @@ class LibraBackend:
     graph breaks has several; the most recent 32 are kept); ``last`` is the newest.
     ``compiler="eager"`` runs the rewritten FX graph without Inductor (for debugging);
     ``record=True`` (eager only) also returns each stage's targets and token labels, in
-    ``state.side_outputs`` (kept-token maps). ``state`` is the model's :class:`~libra_fx.state.ModelState`
-    (``libra_fx.compile`` passes one; a bare backend owns one that serves no decode step).
+    ``side_outputs`` (kept-token maps): the side outputs of the newest compressed graph run;
+    ``graphs_run`` counts the compiled graphs run.
+    ``family``/``refused``/``serves_decode``: what :func:`libra_fx.compile` knows of the model (its
+    adapter, why it is not compressed at all, and that its forward serves decode steps); a bare
+    backend finds the family in each graph.
     """
 
     def __init__(self, ratio=0.5, layers=(7, 15, 23), method="libra", tau=None, eta=None,
-                 strict=False, *, compiler="inductor", record=False, state: ModelState | None = None):
-        self.config = CompressionConfig.build(ratio, layers, method, tau, eta)
+                 strict=False, *, compiler="inductor", record=False, config: CompressionConfig | None = None,
+                 family=None, refused: str | None = None, serves_decode: bool = False):
+        self.config = CompressionConfig.resolve(config, ratio, layers, method, tau, eta)
         if compiler not in COMPILERS:
             raise ValueError(f"compiler must be one of {COMPILERS}, got {compiler!r}")
         if record and compiler != "eager":
             raise ValueError("record=True needs compiler='eager' (the records are Python lists of tensors)")
         self.strict, self.compiler, self.record = strict, compiler, record
-        self.state = state or ModelState()
-        warn_on_compiled_generate()
+        self.family, self.refused, self.serves_decode = family, refused, serves_decode
+        compat.warn_on_compiled_generate(_is_libra)
         self.records: list[CompileRecord] = []
+        self.side_outputs: dict[str, object] | None = None  # of the newest compressed graph run
+        self.graphs_run = 0  # compiled graphs run so far (compressed or not)
         self.generation = 0  # bumped by reconfigure(): compiled graphs older than it are rebuilt
+        self._call = None  # the CompiledModel call in progress (libra_fx.compile's forward), if any
         self.__name__ = "libra"
 
     @property
@@ -85,26 +94,41 @@ class LibraBackend:
         self.config, self.strict = config, strict
         self.generation += 1
 
+    @contextlib.contextmanager
+    def serving(self, call):
+        """Report the graphs run while the block runs to ``call`` (``call.graph_ran(compressed, side_outputs)``)."""
+        saved, self._call = self._call, call
+        try:
+            yield
+        finally:
+            self._call = saved
+
+    def graph_ran(self, compressed: bool, side_outputs: dict) -> None:
+        self.graphs_run += 1
+        if side_outputs:
+            self.side_outputs = side_outputs
+        if self._call is not None:
+            self._call.graph_ran(compressed, side_outputs)
+
     def rewrite(self, gm: fx.GraphModule) -> CompileRecord:
         """Run the pass pipeline on a copy of ``gm``; ``gm`` itself is left as it was."""
         if not self.config.active:
             return CompileRecord(False, "ratio=0 or layers=(): nothing to do")
-        if self.state.refused is not None:
-            return CompileRecord(False, self.state.refused, before=gm)
-        ctx = RewriteContext(fx_utils.clone(gm), self.config, family=self.state.family,
-                             serves_decode=self.state.serves_decode, record=self.record)
+        if self.refused is not None:
+            return CompileRecord(False, self.refused, before=gm)
+        ctx = RewriteContext(fx_utils.clone(gm), self.config, family=self.family,
+                             serves_decode=self.serves_decode, record=self.record)
         try:
             passes = run_pipeline(ctx)
         except NothingToCompress as e:
+            log.debug("graph left as it is: %s", e)
             return CompileRecord(False, str(e), before=gm)
         except UnsupportedGraph as e:
+            log.debug("graph compiled uncompressed: %s", e)
             return self._fall_back(str(e), gm)
         record = CompileRecord(True, "", passes, before=gm, after=ctx.gm)
-        trace_structured(
-            "artifact",
-            metadata_fn=lambda: {"name": "libra_fx_graph_diff", "encoding": "string"},
-            payload_fn=lambda: diff(record).text(),
-        )
+        log.debug("graph compressed: %s", self.config.describe())
+        compat.log_artifact("libra_fx_graph_diff", lambda: diff(record).text())
         return record
 
     def _fall_back(self, reason: str, gm: fx.GraphModule) -> CompileRecord:
@@ -118,30 +142,28 @@ class LibraBackend:
     def _compile(self, gm: fx.GraphModule, example_inputs):
         if self.compiler == "eager":
             return gm.forward
-        from torch._inductor.compile_fx import compile_fx
-
-        return compile_fx(fx_utils.clone(gm), example_inputs)  # Inductor mutates what it is given
+        return compat.inductor(fx_utils.clone(gm), example_inputs)  # Inductor mutates what it is given
 
 
 class _Compiled:
     """What the backend returns to Dynamo for one captured graph: the rewritten, compiled graph, rebuilt
     from the captured one when the backend's settings change (:meth:`LibraBackend.reconfigure`).
 
-    Side outputs the passes added (contract §8) go to ``backend.state.side_outputs``; Dynamo gets only
-    the outputs it traced."""
+    Side outputs the passes added (contract §8) go to the backend (:meth:`LibraBackend.graph_ran`);
+    Dynamo gets only the outputs it traced."""
 
     def __init__(self, backend: LibraBackend, gm: fx.GraphModule, example_inputs):
         self.backend, self.gm, self.example_inputs = backend, gm, example_inputs
-        self.tracing = torch._guards.TracingContext.try_get()  # Dynamo's (fake mode, shape env) of this graph
+        self.tracing = compat.current_tracing_context()  # Dynamo's (fake mode, shape env) of this graph
         self._build()
 
     def _build(self) -> None:
         be = self.backend
-        with torch._guards.tracing(self.tracing):
+        with compat.tracing(self.tracing):
             record = be.rewrite(self.gm)
             be.records = be.records[-31:] + [record]
             self.fn = be._compile(record.after if record.compressed else self.gm, self.example_inputs)
-        self._boxed_call = getattr(self.fn, "_boxed_call", False)  # Dynamo's calling convention (one compiler)
+        self._boxed_call = compat.boxed_call(self.fn)  # Dynamo's calling convention, as the compiler's
         self.side_outputs = record.after.meta.get(SIDE_OUTPUTS, ()) if record.compressed else ()
         self.compressed, self.generation = record.compressed, be.generation
 
@@ -149,22 +171,22 @@ class _Compiled:
         if self.generation != self.backend.generation:
             self._build()
         out = self.fn(*args)
-        self.backend.state.graphs_run.append(self.compressed)
         extra = len(self.side_outputs)
+        self.backend.graph_ran(self.compressed, dict(zip(self.side_outputs, out[-extra:])) if extra else {})
         if not extra:
             return out
-        self.backend.state.side_outputs = dict(zip(self.side_outputs, out[-extra:]))
         return type(out)(out[:-extra]) if isinstance(out, tuple) else out[:-extra]
 
 
 def backend(ratio=0.5, layers=(7, 15, 23), method="libra", tau=None, eta=None, strict=False, *,
-            compiler="inductor", record=False) -> LibraBackend:
+            compiler="inductor", record=False, config: CompressionConfig | None = None) -> LibraBackend:
     """Build a backend for ``torch.compile``; arguments are validated here (``ValueError``).
 
     ``method``: a name, or :func:`libra_fx.method` with options (``libra_fx.method("turbo", lam=0.5)``);
     ``tau``/``eta`` are the options of ``libra`` (and ``eta`` of ``igm_pos``/``igm_neg``) given by name.
+    ``config``: a :class:`~libra_fx.CompressionConfig` instead of ``ratio``, ``layers``, ``method``, ``tau``, ``eta``.
     """
-    return LibraBackend(ratio, layers, method, tau, eta, strict, compiler=compiler, record=record)
+    return LibraBackend(ratio, layers, method, tau, eta, strict, compiler=compiler, record=record, config=config)
 
 
 def libra_backend(gm: fx.GraphModule, example_inputs):
@@ -175,39 +197,6 @@ def libra_backend(gm: fx.GraphModule, example_inputs):
     return LibraBackend()(gm, example_inputs)
 
 
-def _uses_libra(optimized) -> bool:
-    fn = getattr(getattr(optimized, "dynamo_ctx", None), "callback", None)
-    for _ in range(8):  # unwrap Dynamo's convert-frame wrappers
-        if isinstance(fn, LibraBackend) or fn is libra_backend:
-            return True
-        fn = getattr(fn, "_torchdynamo_orig_backend", None) or getattr(fn, "compiler_fn", None)
-        if fn is None:
-            return False
-    return False
-
-
-def warn_on_compiled_generate() -> None:
-    """Warn when ``generate`` is taken from ``torch.compile(model, backend=<libra>)``.
-
-    ``OptimizedModule.generate`` is the original model's method, which calls the *uncompiled*
-    forward: the backend never runs and nothing is compressed.
-    """
-    from torch._dynamo.eval_frame import OptimizedModule
-
-    if getattr(OptimizedModule, "_libra_fx_warns", False):
-        return
-    original = OptimizedModule.__getattr__
-
-    def __getattr__(self, name):
-        if name == "generate" and _uses_libra(self):
-            warnings.warn(
-                "libra_fx: generate() on torch.compile(model, backend=libra) runs the UNCOMPILED model, "
-                "so no visual token is compressed. Use `model = libra_fx.compile(model, ...)` and call "
-                "`model.generate(...)` instead.",
-                UserWarning,
-                stacklevel=2,
-            )
-        return original(self, name)
-
-    OptimizedModule.__getattr__ = __getattr__
-    OptimizedModule._libra_fx_warns = True
+def _is_libra(callback) -> bool:
+    """Whether a Dynamo callback (``OptimizedModule.dynamo_ctx.callback``) wraps a libra backend."""
+    return any(isinstance(fn, LibraBackend) or fn is libra_backend for fn in compat.wrapped_backends(callback))

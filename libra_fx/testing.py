@@ -1,4 +1,6 @@
-"""Tiny random-weight LLaVA models and inputs, built from configs (no hub access).
+"""Tiny random-weight LLaVA, Qwen2-VL and LLaVA-NeXT models of hand-written configs, and their inputs
+(no hub access). The weights are drawn by the one factory, :func:`libra_fx.conformance.tiny.build`;
+the tiny models of every family's own config: :func:`libra_fx.conformance.tiny.tiny_model`.
 
 Used by the tests, the examples and the benchmarks::
 
@@ -12,10 +14,11 @@ from __future__ import annotations
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
+from libra_fx.conformance.inputs import left_padded
+from libra_fx.conformance.tiny import PAD_TOKEN_ID, build
 from libra_fx.families.llava import anyres_tiles
 
 IMAGE_TOKEN_ID = 100
-PAD_TOKEN_ID = 0
 
 
 def tiny_llava_config(
@@ -74,25 +77,8 @@ def tiny_llava(seed: int = 0, dtype: torch.dtype = torch.float32, **config_kwarg
     The eager run installs transformers' output-capturing hooks; without it the first
     ``fullgraph`` trace of a never-run model fails on a lock in ``output_capturing.py``.
     """
-    return _run_once(LlavaForConditionalGeneration, tiny_llava_config(**config_kwargs), seed, dtype, tiny_llava_inputs)
-
-
-def _run_once(model_class, config, seed: int, dtype: torch.dtype, make_inputs):
-    """``model_class(config)`` with weights drawn from ``seed``, in eval mode and ``dtype``, run once
-    eagerly on ``make_inputs(model)`` (see :func:`tiny_llava` for why)."""
-    torch.manual_seed(seed)
-    model = model_class(config).eval().to(dtype)
-    with torch.no_grad():
-        model(**make_inputs(model))
-    return model
-
-
-def left_padded(pad: tuple[int, ...], batch: int, prefix: int, text, body) -> torch.Tensor:
-    """``[B, T]`` ids: per sample ``pad[b]`` pad tokens, ``text(prefix + …)`` so that every row has one
-    length, then the tensors of ``body()`` (called once per sample, in sample order)."""
-    pad = tuple(pad) + (0,) * (batch - len(pad))
-    width = max(pad)
-    return torch.stack([torch.cat([torch.full((p,), PAD_TOKEN_ID), text(prefix + width - p), *body()]) for p in pad])
+    return build(LlavaForConditionalGeneration, tiny_llava_config(**config_kwargs), seed, dtype=dtype,
+                 warm_up=tiny_llava_inputs)
 
 
 def tiny_llava_inputs(
@@ -186,7 +172,7 @@ def tiny_qwen2_vl(version: str = "2", seed: int = 0, num_layers: int = 4, attn: 
                           image_token_id=QWEN_IMAGE_ID, video_token_id=QWEN_VIDEO_ID,
                           vision_start_token_id=QWEN_VISION_START, vision_end_token_id=QWEN_VISION_END,
                           attn_implementation=attn)
-    return _run_once(model_class, config, seed, dtype, tiny_qwen2_vl_inputs)
+    return build(model_class, config, seed, dtype=dtype, warm_up=tiny_qwen2_vl_inputs)
 
 
 def tiny_qwen2_vl_inputs(model, batch: int = 1, grid: tuple[int, int] = (8, 8), frames: int = 0,
@@ -229,7 +215,7 @@ def tiny_llava_next(seed: int = 0, num_layers: int = 4, attn: str = "sdpa", dtyp
     config = LlavaNextConfig(vision_config=base.vision_config, text_config=base.text_config,
                              image_token_id=IMAGE_TOKEN_ID, pad_token_id=PAD_TOKEN_ID,
                              image_grid_pinpoints=[[16, 32], [32, 16], [32, 32]], attn_implementation=attn)
-    return _run_once(LlavaNextForConditionalGeneration, config, seed, dtype, tiny_llava_next_inputs)
+    return build(LlavaNextForConditionalGeneration, config, seed, dtype=dtype, warm_up=tiny_llava_next_inputs)
 
 
 def tiny_llava_next_inputs(model, batch: int = 1, image_size: tuple[int, int] = (32, 24), prefix: int = 5,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from libra_fx.conformance import tiny
 from libra_fx.testing import (
     PAD_TOKEN_ID,
     QWEN_IMAGE_ID,
@@ -25,7 +26,8 @@ QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen2_vl_video")
 
 
 def build(family: str, attn: str = "sdpa", seed: int = 0):
-    """A fresh random-weight tiny model of ``family``, EOS disabled for generation."""
+    """A fresh random-weight tiny model of ``family`` (:mod:`libra_fx.testing`'s hand-written configs, built by
+    the one factory, :func:`libra_fx.conformance.tiny.build`), EOS disabled for generation."""
     if family in ("qwen2_vl", "qwen2_vl_video"):
         model = tiny_qwen2_vl("2", attn=attn, seed=seed)
     elif family == "qwen2_5_vl":
@@ -113,8 +115,7 @@ def tiny_gemma3(seed: int = 0):
                            image_size=32, patch_size=8),
         mm_tokens_per_image=4, image_token_index=100, boi_token_index=101, eoi_token_index=102,
         attn_implementation="sdpa")
-    torch.manual_seed(seed)
-    model = Gemma3ForConditionalGeneration(config).eval()
+    model = tiny.build(Gemma3ForConditionalGeneration, config, seed)
     ids = torch.randint(1, 99, (1, 16), generator=torch.Generator().manual_seed(seed))
     ids[0, 5:9] = 100
     inputs = dict(input_ids=ids, pixel_values=torch.randn(1, 3, 32, 32), token_type_ids=(ids == 100).long())

@@ -1,5 +1,5 @@
 """``libra-fx families``: every adapted family verified on tiny models, a row with a reason for every
-other class, the README's table, and the generic hook oracle (against ``tests/oracle.py``, and
+other class, the table in docs/models.md, and the generic hook oracle (against ``tests/oracle.py``, and
 catching a deliberately wrong rewrite)."""
 
 from __future__ import annotations
@@ -16,16 +16,17 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_
 import libra_fx
 from libra_fx import families
 from libra_fx.conformance import table
-from libra_fx.conformance.check import CASES, check_refusal, tiny_model, verify
+from libra_fx.conformance.check import CASES, check_refusal, verify
 from libra_fx.conformance.inputs import example_inputs
 from libra_fx.conformance.oracle import HookOracle
+from libra_fx.conformance.tiny import fixture_for, tiny_model
 from libra_fx.families.base import _FeatureCount
 from libra_fx.testing import tiny_llava, tiny_llava_inputs
 from families import build, make_inputs
 from harness import assert_runs_uncompressed_with_a_warning
 from oracle import oracle_logits
 
-BY_TYPE = {f.model_types[0]: f for f in families.FAMILIES}
+BY_TYPE = {fixture_for(f).model_types[0]: f for f in families.FAMILIES}
 
 
 # The suite runs a lighter matrix than ``libra-fx families`` (which runs every check on every row), for its
@@ -70,22 +71,23 @@ def test_every_class_has_a_row_and_every_unverified_row_a_reason():
     rows = table.rows(verify=False)
     assert [r.model_type for r in rows] == list(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
     adapted = [r for r in rows if r.status == "adapter (not run)"]
-    assert len(adapted) >= 15 and {r.model_type for r in adapted} == {t for f in families.FAMILIES for t in f.model_types}
+    assert len(adapted) >= 15
+    assert {r.model_type for r in adapted} == {t for f in families.FAMILIES for t in fixture_for(f).model_types}
     assert all(r.status in ("refused", "not built") and r.note for r in rows if r not in adapted)
     by_type = {r.model_type: r for r in rows}
     assert "cross-attention" in by_type["mllama"].note and "encoder-decoder" in by_type["florence2"].note
     assert by_type["ovis2"].status == "refused" and "visual vocabulary" in by_type["ovis2"].note
 
 
-def test_readme_table_is_the_commands_output():
-    """``libra-fx families --markdown``, each adapted row as its verification test above asserts it."""
+def test_models_table_is_the_commands_output():
+    """``libra-fx families --markdown`` (docs/models.md), each adapted row as its verification test above asserts it."""
     rows = [table.Row(r.model_type, r.class_name, "verified" if r.status == "adapter (not run)" else r.status, r.note)
             for r in table.rows(verify=False)]
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    documented = re.search(r"^transformers (\S+): \d+ image-text-to-text classes", readme, re.M)[1]
+    page = (Path(__file__).parents[1] / "docs" / "models.md").read_text()
+    documented = re.search(r"^transformers (\S+): \d+ image-text-to-text classes", page, re.M)[1]
     if documented != transformers.__version__:
-        pytest.skip(f"the README's table is for transformers {documented}, this is {transformers.__version__}")
-    assert table.markdown(rows) in readme, "regenerate the README table: libra-fx families --markdown"
+        pytest.skip(f"docs/models.md's table is for transformers {documented}, this is {transformers.__version__}")
+    assert table.markdown(rows) in page, "regenerate the table in docs/models.md: libra-fx families --markdown"
 
 
 def test_sliding_window_families_are_verified_past_the_window():

@@ -12,7 +12,7 @@ import PIL.Image
 import pytest
 import torch
 
-import libra_fx.dynamo_backend as dynamo_backend
+from libra_fx.runtime import compat
 from harness import compile_and_run
 from libra_fx.cli import main
 from libra_fx.methods.compressors import COMPENSATION, PRUNED
@@ -140,7 +140,7 @@ def test_html_is_self_contained():
 
 def test_diff_is_emitted_for_tlparse(monkeypatch):
     artefacts = []
-    monkeypatch.setattr(dynamo_backend, "trace_structured",
+    monkeypatch.setattr(compat, "trace_structured",
                         lambda kind, metadata_fn, payload_fn: artefacts.append((kind, metadata_fn(), payload_fn())))
     libra_record()
     (kind, meta, payload), = artefacts

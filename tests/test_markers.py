@@ -12,13 +12,13 @@ import torch
 
 import libra_fx
 from libra_fx import families
-from libra_fx.conformance.check import tiny_model
 from libra_fx.conformance.inputs import example_inputs
 from libra_fx.conformance.oracle import HookOracle
+from libra_fx.conformance.tiny import fixture_for, tiny_model
 from libra_fx.families.markers import IDEFICS3, MARKERS, MISTRAL3
 from harness import assert_runs_uncompressed_with_a_warning
 
-BY_TYPE = {f.model_types[0]: f for f in families.FAMILIES}
+BY_TYPE = {fixture_for(f).model_types[0]: f for f in families.FAMILIES}
 
 
 def _runs(row: torch.Tensor) -> int:

@@ -11,6 +11,7 @@ import torch
 import libra_fx
 from libra_fx.reports import flops
 from libra_fx.passes.fx_utils import value
+from libra_fx.runtime import compat
 from libra_fx.testing import tiny_llava, tiny_llava_inputs
 from oracle_prumerge import image_slots, prumerge_oracle_generate, prumerge_oracle_logits
 
@@ -34,7 +35,7 @@ def check(model, inputs, logits, be, method, layout, tol):
     want, counts = prumerge_oracle_logits(model, **inputs, method=method, ratio=RATIO, **layout)
     diff = (logits[:, -1].float() - want).abs().max().item()
     assert diff <= tol, diff
-    valid = be.state.side_outputs["valid"]  # non-padding slots per sample: its text + its images' tokens
+    valid = be.side_outputs["valid"]  # non-padding slots per sample: its text + its images' tokens
     text = (inputs["input_ids"] != model.config.image_token_id).sum(1).tolist()
     k = len(counts) // len(text)
     assert valid.sum(-1).tolist() == [text[b] + sum(counts[b * k:(b + 1) * k]) for b in range(len(text))]
@@ -91,7 +92,7 @@ def generate(model, inputs):
 def test_generation_matches_oracle(method, case, layout):
     """``generate()`` (transformers runs the tower inside the compiled forward), each sample's kept
     count its own: tokens equal, per-step logits ≤ 1e-4 (re-packed positions continue in decode)."""
-    torch._dynamo.reset()
+    compat.reset_dynamo()
     model = tiny_llava(**TINY)
     model.generation_config.eos_token_id = None
     model = libra_fx.compile(model, method=libra_fx.method(method, **layout), ratio=RATIO, compiler="eager",
@@ -119,7 +120,7 @@ def test_settings():
 
 def test_features_from_outside_the_graph_fall_back(models):
     """Pre-encoded features (``mm_encoder_outputs``: no vision tower in the graph) cannot be compressed."""
-    torch._dynamo.reset()
+    compat.reset_dynamo()
     model = models["sdpa"]
     inputs = tiny_llava_inputs(model, batch=1)
     with torch.no_grad():

@@ -13,6 +13,7 @@ import torch
 
 import libra_fx
 from libra_fx import shapes_task as st
+from libra_fx.runtime import compat
 from libra_fx.sequence.vision import vision_merge
 from oracle_prumerge import image_slots
 
@@ -49,12 +50,12 @@ def test_shipped_tower_matches_the_reference(shipped, method, ratio):
     spec = libra_fx.method(method, order="attention", positions="repacked")
     reference = image_slots(model, inputs["pixel_values"], method, ratio, order="attention")
 
-    torch._dynamo.reset()  # the kept patches, in slot order, as the compiled graph records them
+    compat.reset_dynamo()  # the kept patches, in slot order, as the compiled graph records them
     be = libra_fx.backend(ratio, (), spec, compiler="eager", strict=True, record=True)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.compile(model.forward, backend=be, fullgraph=True)(**inputs)
-    (record,) = be.state.side_outputs["records0"]
+    (record,) = be.side_outputs["records0"]
     assert [r.tolist() for r in record["targets"]] == [kept for kept, _ in reference]
 
     slots = spec.method.capacity(st.NUM_VISUAL_TOKENS, ratio)  # the merged features, before the projector

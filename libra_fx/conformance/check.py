@@ -1,7 +1,8 @@
 """Verify one family on tiny models: the compiled model against the hook oracle, and the identity check.
 
-``verify(family)`` builds a tiny random-weight model of the family (:mod:`~libra_fx.conformance.tiny`)
-and example prompts (:mod:`~libra_fx.conformance.inputs`), then, for each modality:
+``verify(family)`` builds a tiny random-weight model of the family from its fixture
+(:func:`~libra_fx.conformance.tiny.tiny_model`) and example prompts (:mod:`~libra_fx.conformance.inputs`),
+then, for each modality:
 
 - **oracle:** ``libra_fx.compile`` prefill logits against :class:`~libra_fx.conformance.oracle.HookOracle`
   for ``libra`` and ``fastv``, one and two stages, on a left-padded B=2, and ``libra`` at B=1
@@ -26,7 +27,8 @@ import transformers
 import libra_fx
 from libra_fx.conformance.inputs import example_inputs
 from libra_fx.conformance.oracle import HookOracle
-from libra_fx.conformance.tiny import tiny_config
+from libra_fx.conformance.tiny import build, tiny_config, tiny_model
+from libra_fx.runtime import compat
 
 EAGER_TOL, INDUCTOR_TOL = 1e-5, 1e-4
 NO_TOKEN_REMOVED = dict(method="fastv", ratio=0.001, layers=(1,))  # round(N·0.999) = N for every span here
@@ -56,17 +58,6 @@ class Verification:
         return [c for c in self.checks if not c.passed]
 
 
-def tiny_model(family, seed: int = 0, attn: str = "sdpa"):
-    """A random-weight tiny model of ``family`` in eval mode, EOS disabled (random weights never stop)."""
-    config = tiny_config(family.model_types[0], family.tiny, attn)
-    torch.manual_seed(seed)
-    model = getattr(transformers, family.classes[0])(config).eval()
-    family.adapt_tiny(model)
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
-
-
 def verify(family, modalities=None, inductor: bool = True, seed: int = 0, cases=CASES,
            generate: bool = True) -> Verification:
     """Run every check of the module docstring on ``family``; nothing raises, failures are recorded.
@@ -90,7 +81,7 @@ class _Session:
     same weights that the oracle hooks and the plain runs use."""
 
     def __init__(self, family, token: str, seed: int):
-        torch._dynamo.reset()
+        compat.reset_dynamo()
         self.family, self.seed = family, seed
         self.reference = tiny_model(family, seed)
         text = self.reference.config.get_text_config()
@@ -235,13 +226,12 @@ def check_refusal(model_type: str, class_name: str) -> Check:
         size = sum(p.numel() for p in getattr(transformers, class_name)(config).parameters())
     if size > MAX_REFUSAL_PARAMETERS:
         return Check("refusal", True, f"not run: {size / 1e6:.0f} M parameters after shrinking")
-    torch.manual_seed(0)
-    model = getattr(transformers, class_name)(config).eval()
+    model = build(getattr(transformers, class_name), config, 0)
     ids = torch.randint(3, 100, (1, 12))
-    torch._dynamo.reset()
+    compat.reset_dynamo()
     with torch.no_grad():
         want = torch.compile(model.forward, backend="eager")(input_ids=ids).logits
-    torch._dynamo.reset()
+    compat.reset_dynamo()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", libra_fx.LibraFallbackWarning)
         compiled = libra_fx.compile(model, compiler="eager", **NO_TOKEN_REMOVED)

@@ -35,10 +35,14 @@ markers) is text. Every sample must keep the same count (no empty slots).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
+from libra_fx import families
 from libra_fx.methods import get_method, method as method_spec
 from libra_fx.methods.selectors import num_targets
+from libra_fx.runtime import compat
 
 
 class HookOracle:
@@ -48,16 +52,15 @@ class HookOracle:
         self.method, self.options = get_method(method), method_spec(method, **options).options
         config = model.config
         self.text_config = getattr(config, "text_config", config)
-        self.placeholders = {getattr(config, k) for k in ("image_token_id", "video_token_id", "image_token_index",
-                                                          "video_token_index") if getattr(config, k, None) is not None}
+        self.placeholders = families.placeholder_ids(model)  # its adapter's (FamilyAdapter.placeholder_ids)
         decoder = model.get_decoder()  # (Llama4's is its causal LM, around the decoder)
         self.decoder_layers = (decoder if hasattr(decoder, "layers") else decoder.model).layers
         self.handles = []
 
     # --- activation ------------------------------------------------------------------------------------------
     def __enter__(self):
-        self.saved_attn = self.text_config._attn_implementation
-        self.text_config._attn_implementation = "eager"
+        self.eager = contextlib.ExitStack()
+        self.eager.enter_context(compat.attention_switched(self.text_config, "eager"))
         self.seqs, self.prefill = None, False
         self.handles.append(self.model.register_forward_pre_hook(self._on_call, with_kwargs=True))
         for i, layer in enumerate(self.decoder_layers):
@@ -72,7 +75,7 @@ class HookOracle:
         for handle in self.handles:
             handle.remove()
         self.handles = []
-        self.text_config._attn_implementation = self.saved_attn
+        self.eager.close()  # the attention it had
 
     def valid(self) -> torch.Tensor:
         """``[B, T']``: which positions of the last prefill's output are real tokens (not padding)."""

@@ -24,7 +24,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_
 
 from libra_fx import families
 from libra_fx.conformance.check import Check, Verification, check_refusal, error_summary, verify as run_checks
-from libra_fx.conformance.tiny import tiny_config
+from libra_fx.conformance.tiny import fixture_for, tiny_config
 from libra_fx.families.catalog import ENCODER_DECODER, NO_ADAPTER, REASONS
 
 
@@ -37,7 +37,8 @@ class Row:
 
 
 def _adapter(model_type: str):
-    return next((f for f in families.FAMILIES if model_type in f.model_types), None)
+    """The adapter whose fixture builds ``model_type`` (every adapter has a fixture: ``fixture_for`` raises)."""
+    return next((f for f in families.FAMILIES if model_type in fixture_for(f).model_types), None)
 
 
 def _build_error(model_type: str, class_name: str) -> str | None:
@@ -52,7 +53,8 @@ def _build_error(model_type: str, class_name: str) -> str | None:
 
 
 def _notes(family) -> str:
-    notes = [family.span_notes] + ([f"stand-in: {family.stand_in}"] if family.stand_in else [])
+    stand_in = fixture_for(family).stand_in
+    notes = [family.span_notes] + ([f"stand-in: {stand_in}"] if stand_in else [])
     modalities = " and ".join(family.modalities)
     return f"{modalities}; " + "; ".join(notes)
 

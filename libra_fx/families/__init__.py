@@ -3,7 +3,8 @@
 ``libra_fx.compile`` looks a model's class up here (subclasses count); the bare backend
 recognises the family of a graph from the module classes Dynamo recorded. A model of no listed
 family runs uncompressed, with a :class:`~libra_fx.LibraFallbackWarning` naming it
-(``strict=True``: :class:`~libra_fx.UnsupportedGraph`).
+(``strict=True``: :class:`~libra_fx.UnsupportedGraph`). Each family file also defines the family's
+test fixture (:class:`~libra_fx.families.base.FamilyFixture`), which only :mod:`libra_fx.conformance.tiny` reads.
 """
 
 from __future__ import annotations
@@ -25,11 +26,15 @@ from libra_fx.families.plain import (AYA_VISION, COHERE2_VISION, DEEPSEEK_VL, FA
 from libra_fx.families.qwen2_vl import GLM4V, QWEN2_5_VL, QWEN2_VL
 from libra_fx.families.qwen3_5 import QWEN3_5, QWEN3_5_MOE
 from libra_fx.families.qwen3_vl import QWEN3_VL, QWEN3_VL_MOE
+from libra_fx.runtime.compat import compiled_original
 
 FAMILIES: tuple[FamilyAdapter, ...] = (
     LLAVA, LLAVA_NEXT, QWEN2_VL, QWEN2_5_VL, LLAVA_ONEVISION, LLAVA_NEXT_VIDEO, VIDEO_LLAVA, VIPLLAVA, INTERNVL,
     AYA_VISION, DEEPSEEK_VL, JANUS, FAST_VLM, COHERE2_VISION, GLM4V, PERCEPTION_LM, GEMMA3, PALIGEMMA, QWEN3_VL,
     QWEN3_VL_MOE, LFM2_VL, LLAMA4, MISTRAL3, IDEFICS3, SMOLVLM, QWEN3_5, QWEN3_5_MOE)
+
+
+_GENERIC = FamilyAdapter("a model of no family", ())
 
 
 def supported_classes() -> list[str]:
@@ -48,6 +53,12 @@ def _by_class_names(names) -> FamilyAdapter | None:
 def for_model(model) -> FamilyAdapter | None:
     """The adapter of ``model``'s class or of a base class (``None`` for an unknown family)."""
     return _by_class_names(cls.__name__ for cls in type(model).__mro__)
+
+
+def placeholder_ids(model) -> set[int]:
+    """The ids of ``model``'s image and video placeholder tokens, as its adapter reads them from its config
+    (:meth:`FamilyAdapter.placeholder_ids`; a model of no family: the generic adapter's rule)."""
+    return (for_model(model) or _GENERIC).placeholder_ids(model.config)
 
 
 _MODELING_FILE = re.compile(r"transformers/models/\w+/modeling_(\w+)\.py")
@@ -78,10 +89,9 @@ def check_model(model, strict: bool) -> tuple[FamilyAdapter | None, str | None]:
     ``strict``, an error)."""
     family, reason = for_model(model), None
     if family is None:
-        from torch._dynamo.eval_frame import OptimizedModule
-
-        if isinstance(model, OptimizedModule):
-            reason = (f"the model is already wrapped by torch.compile ({type(model._orig_mod).__name__} inside); "
+        inner = compiled_original(model)
+        if inner is not None:
+            reason = (f"the model is already wrapped by torch.compile ({type(inner).__name__} inside); "
                       "pass the original model to libra_fx.compile instead")
         else:
             reason = (f"{type(model).__name__} is not a supported architecture (supported: "

@@ -1,4 +1,5 @@
-"""The family adapter: everything libra-fx must know about one model family, in one place.
+"""The family adapter: everything libra-fx must know about one model family at run time, in one place;
+and the family's fixture: how its tiny test model and example prompts are made.
 
 The passes ask the adapter and never name a family. :class:`FamilyAdapter` itself is the generic
 adapter, for the plain LLaVA-like shape: a vision tower whose features are ``masked_scatter``-ed
@@ -21,15 +22,31 @@ family subclasses it (or instantiates it) and provides:
   ``chunk_scans``: whether it pads the sequence up to a multiple of a chunk for a scan that padding
   chunks do not change (Gated DeltaNet): after a stage the scan keeps the padded length, and with it
   the chunk count its loop was unrolled for;
-- ``refused_inputs(model, kwargs)``: why a call's inputs are not compressed (it runs uncompressed, with a
-  warning); ``bare_backend``: why the family needs ``libra_fx.compile`` (a bare backend refuses it);
+- ``token_inputs``: the names of the forward's per-token inputs (``[B, T, …]``: ids, embeddings, the 2-D
+  mask, position ids, token types), whose length is the prompt's;
+- ``modalities``: what it compresses (``"image"``, ``"video"``); ``refused_inputs(model, kwargs)``: why
+  a call's inputs are not compressed (it runs uncompressed, with a warning; the generic rule: a video of
+  a family without ``"video"``); ``bare_backend``: why the family needs ``libra_fx.compile`` (a bare
+  backend refuses it);
+- ``has_visual_inputs(kwargs)``: whether a call passes images or videos (pixels, or encoder outputs);
+  ``placeholder_ids(config)``: the ids of its image and video placeholder tokens;
 - ``prepare_forward(model, kwargs)``: anything computed before the compiled forward;
 - ``install_shims(model)``: per-instance shims (default: the feature-count message below);
-- ``graph_break_hint``: what to tell a user whose graph break cut the visual tokens off the decoder;
-- for ``libra-fx families`` (:mod:`libra_fx.conformance`): ``model_types`` (the keys of transformers'
-  auto mappings), ``tiny`` (overrides of the generic tiny config), ``modalities``, ``stand_in`` (what a
-  tiny model replaces, e.g. a timm tower) and ``adapt_tiny`` (fix-ups of the tiny model, e.g. degenerate
-  random weights), and how an example prompt is made: ``vision_inputs``, ``wrap_placeholders`` and ``complete_inputs``.
+- ``graph_break_hint``: what to tell a user whose graph break cut the visual tokens off the decoder.
+
+Its :class:`FamilyFixture` is defined in the same family file, next to the adapter, under the adapter's
+name with ``_FIXTURE`` (``LLAVA_FIXTURE`` next to ``LLAVA``); a fixture names its adapter
+(``fixture.adapter``), the adapter knows nothing of it, and the runtime never reads one.
+:mod:`libra_fx.conformance.tiny` collects them (``FIXTURES``; ``fixture_for(adapter)``) and is the one
+factory of tiny models (the tests', ``libra-fx families``' and the benchmarks'). A fixture holds:
+
+- the tiny recipe: ``model_types`` (the keys of transformers' auto mappings; the first is built),
+  ``tiny`` (overrides of the generic tiny config), ``stand_in`` (what a tiny model replaces, e.g. a
+  timm tower) and ``adapt_tiny(model)`` (fix-ups of the tiny model, e.g. degenerate random weights);
+- how an example prompt is made (:mod:`libra_fx.conformance.inputs`): ``vision_inputs`` (``frames`` of
+  a video, ``tiles`` of an image), ``wrap_placeholders`` and ``complete_inputs``.
+
+A family whose example inputs differ subclasses :class:`FamilyFixture` in its own file.
 """
 
 from __future__ import annotations
@@ -41,6 +58,9 @@ import torch
 
 
 SOFTMAX_ATTENTION = frozenset({"full_attention", "sliding_attention", "chunked_attention"})  # transformers' layer_types
+TOKEN_INPUTS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "token_type_ids", "mm_token_type_ids")
+PLACEHOLDER_ATTRIBUTES = ("image_token_id", "video_token_id", "image_token_index", "video_token_index")  # of a config
+VISUAL_INPUTS = ("pixel_values", "mm_encoder_outputs")  # prefixes of the forward's vision inputs
 
 
 @dataclass(frozen=True)
@@ -64,15 +84,11 @@ class FamilyAdapter:
     position_rows: tuple[int, ...] = ()
     vision_tower: VisionTower | None = None
     graph_break_hint: str = ""
-    model_types: tuple[str, ...] = ()
-    tiny: dict = field(default_factory=dict)
     modalities: tuple[str, ...] = ("image",)
-    stand_in: str = ""
-    frames: int = 4
-    tiles: int = 0
     symbolic_length: bool = False
     chunk_scans: bool = False
     bare_backend: str = ""  # why a bare torch.compile with libra_fx.backend cannot compress the family ("": it can)
+    token_inputs: tuple[str, ...] = TOKEN_INPUTS
 
     def check_stage_layers(self, config, layers: tuple[int, ...]) -> None:
         """``ValueError`` for a stage layer that holds no softmax attention (contract §9): the importance
@@ -93,6 +109,52 @@ class FamilyAdapter:
                     "pieces, and the contract makes one span of a whole video (§1)")
         return None
 
+    def has_visual_inputs(self, kwargs: dict) -> bool:
+        """Whether a call's keyword arguments pass images or videos: a ``pixel_values…`` argument or the
+        tower's outputs (``mm_encoder_outputs``) that is not ``None``."""
+        return any(v is not None for k, v in kwargs.items() if k.startswith(VISUAL_INPUTS))
+
+    def placeholder_ids(self, config) -> set[int]:
+        """The token ids of the image and video placeholders: the config's ``image_token_id``,
+        ``video_token_id``, ``image_token_index`` and ``video_token_index`` that are set (any of them)."""
+        ids = (getattr(config, name, None) for name in PLACEHOLDER_ATTRIBUTES)
+        return {i for i in ids if isinstance(i, int) and not isinstance(i, bool)}
+
+    def prepare_forward(self, model, kwargs: dict) -> dict:
+        """The keyword arguments of one ``forward`` call, completed before the compiled forward runs."""
+        return kwargs
+
+    def install_shims(self, model) -> None:
+        skip_feature_count_message(model)
+
+    @contextlib.contextmanager
+    def without_shims(self, model):
+        """The model as transformers made it, for as long as the block runs (its own error messages)."""
+        base = placeholder_owner(model)
+        shim = vars(base).pop("get_placeholder_mask", None)
+        try:
+            yield model
+        finally:
+            if shim is not None:
+                base.get_placeholder_mask = shim
+
+
+@dataclass(frozen=True)
+class FamilyFixture:
+    """How the tiny random-weight model of ``adapter``'s family and its example prompts are made (tests,
+    ``libra-fx families``, benchmarks; never a user's model): see the module docstring."""
+
+    adapter: FamilyAdapter
+    model_types: tuple[str, ...]
+    tiny: dict = field(default_factory=dict)
+    stand_in: str = ""
+    frames: int = 4
+    tiles: int = 0
+
+    def adapt_tiny(self, model) -> None:
+        """What the tiny random model of this family needs besides its config (``stand_in`` says what;
+        e.g. weights its random init leaves degenerate); never applied to a user's model."""
+
     def vision_inputs(self, model, batch: int, gen: torch.Generator, token: str = "image") -> dict:
         """Random vision inputs of ``batch`` samples, one image (``token="image"``; ``[B, 3, H, W]``, or
         ``[B, tiles, 3, H, W]``) or one video of ``frames`` frames each, at the tower's own image size."""
@@ -109,28 +171,6 @@ class FamilyAdapter:
     def complete_inputs(self, config, inputs: dict) -> dict:
         """Inputs the model needs besides ids, mask and pixels (e.g. token types)."""
         return inputs
-
-    def prepare_forward(self, model, kwargs: dict) -> dict:
-        """The keyword arguments of one ``forward`` call, completed before the compiled forward runs."""
-        return kwargs
-
-    def install_shims(self, model) -> None:
-        skip_feature_count_message(model)
-
-    def adapt_tiny(self, model) -> None:
-        """What the conformance's tiny random model of this family needs besides its config (``stand_in``
-        says what; e.g. weights its random init leaves degenerate); never applied to a user's model."""
-
-    @contextlib.contextmanager
-    def without_shims(self, model):
-        """The model as transformers made it, for as long as the block runs (its own error messages)."""
-        base = placeholder_owner(model)
-        shim = vars(base).pop("get_placeholder_mask", None)
-        try:
-            yield model
-        finally:
-            if shim is not None:
-                base.get_placeholder_mask = shim
 
 
 def placeholder_owner(model):

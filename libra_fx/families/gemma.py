@@ -15,11 +15,24 @@ from dataclasses import dataclass
 
 import torch
 
-from libra_fx.families.base import FamilyAdapter
+from libra_fx.families.base import FamilyAdapter, FamilyFixture
+
+GEMMA3 = FamilyAdapter(
+    "Gemma3", ("Gemma3ForConditionalGeneration", "Gemma3Model"), ("modeling_gemma3",),
+    span_notes=("one span per image; its tokens attend to each other in both directions (token_type_ids), "
+                "kept tokens keep their rows and columns (contract §5); sliding-window layers count original "
+                "positions"),
+)
+
+PALIGEMMA = FamilyAdapter(
+    "PaliGemma", ("PaliGemmaForConditionalGeneration", "PaliGemmaModel"), ("modeling_paligemma",),
+    span_notes=("one span per image; prefix-LM mask: the prefix (image and prompt, token_type_ids 0) attends in "
+                "both directions, the suffix causally; kept tokens keep their rows and columns (contract §5)"),
+)
 
 
 @dataclass(frozen=True)
-class Gemma3Adapter(FamilyAdapter):
+class Gemma3Fixture(FamilyFixture):
     """An image is ``<start_of_image> placeholders <end_of_image>``, its placeholders of type 1."""
 
     def wrap_placeholders(self, config, placeholders):
@@ -37,7 +50,7 @@ class Gemma3Adapter(FamilyAdapter):
 
 
 @dataclass(frozen=True)
-class PaliGemmaAdapter(FamilyAdapter):
+class PaliGemmaFixture(FamilyFixture):
     """The example prompts' prefix is everything up to ``suffix`` tokens before the end (type 0), so
     the prefix holds the image and text on both sides of it; the suffix (type 1) is causal."""
 
@@ -49,20 +62,8 @@ class PaliGemmaAdapter(FamilyAdapter):
         return dict(inputs, token_type_ids=types)
 
 
-GEMMA3 = Gemma3Adapter(
-    "Gemma3", ("Gemma3ForConditionalGeneration", "Gemma3Model"), ("modeling_gemma3",),
-    span_notes=("one span per image; its tokens attend to each other in both directions (token_type_ids), "
-                "kept tokens keep their rows and columns (contract §5); sliding-window layers count original "
-                "positions"),
-    model_types=("gemma3", "shieldgemma2"),
-    tiny=dict(mm_tokens_per_image=16,
-              text_config=dict(layer_types=["sliding_attention", "full_attention"] * 2)),
+GEMMA3_FIXTURE = Gemma3Fixture(
+    GEMMA3, ("gemma3", "shieldgemma2"),
+    tiny=dict(mm_tokens_per_image=16, text_config=dict(layer_types=["sliding_attention", "full_attention"] * 2)),
 )
-
-PALIGEMMA = PaliGemmaAdapter(
-    "PaliGemma", ("PaliGemmaForConditionalGeneration", "PaliGemmaModel"), ("modeling_paligemma",),
-    span_notes=("one span per image; prefix-LM mask: the prefix (image and prompt, token_type_ids 0) attends in "
-                "both directions, the suffix causally; kept tokens keep their rows and columns (contract §5)"),
-    model_types=("paligemma",),
-    tiny=dict(projection_dim=64, hidden_size=64),
-)
+PALIGEMMA_FIXTURE = PaliGemmaFixture(PALIGEMMA, ("paligemma",), tiny=dict(projection_dim=64, hidden_size=64))

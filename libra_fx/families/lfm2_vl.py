@@ -12,11 +12,18 @@ from dataclasses import dataclass
 
 import torch
 
-from libra_fx.families.base import FamilyAdapter, _pixels
+from libra_fx.families.base import FamilyAdapter, FamilyFixture, _pixels
+
+LFM2_VL = FamilyAdapter(
+    "LFM2-VL", ("Lfm2VlForConditionalGeneration", "Lfm2VlModel"), ("modeling_lfm2_vl",),
+    span_notes=("one span per image piece of the tower (a tiled image: one per tile and one for its thumbnail); "
+                "convolution layers (not stage layers) convolve the compressed sequence"),
+    symbolic_length=True,
+)
 
 
 @dataclass(frozen=True)
-class Lfm2VlAdapter(FamilyAdapter):
+class Lfm2VlFixture(FamilyFixture):
     """One image is ``grid`` patches of the NaFlex tower (flattened, with its spatial shape and patch mask)."""
 
     grid: tuple[int, int] = (8, 8)
@@ -29,11 +36,8 @@ class Lfm2VlAdapter(FamilyAdapter):
                 "pixel_attention_mask": torch.ones(batch, patches, dtype=torch.bool)}
 
 
-LFM2_VL = Lfm2VlAdapter(
-    "LFM2-VL", ("Lfm2VlForConditionalGeneration", "Lfm2VlModel"), ("modeling_lfm2_vl",),
-    span_notes=("one span per image piece of the tower (a tiled image: one per tile and one for its thumbnail); "
-                "convolution layers (not stage layers) convolve the compressed sequence"),
-    model_types=("lfm2_vl",), symbolic_length=True,
+LFM2_VL_FIXTURE = Lfm2VlFixture(
+    LFM2_VL, ("lfm2_vl",),
     tiny=dict(text_config=dict(layer_types=["conv", "full_attention", "full_attention", "conv"]),
               vision_config=dict(num_patches=64), projector_hidden_size=64),
 )

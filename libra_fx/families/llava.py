@@ -1,5 +1,6 @@
 """The LLaVA-like families: a tower whose features are scattered at placeholder tokens, 1-D positions
-and a causal decoder — the generic :class:`FamilyAdapter` with, at most, their own vision inputs."""
+and a causal decoder — the generic :class:`FamilyAdapter`; their fixtures, with any-resolution images
+for LLaVA-NeXT and its successors."""
 
 from __future__ import annotations
 
@@ -7,14 +8,14 @@ from dataclasses import dataclass
 
 import torch
 
-from libra_fx.families.base import FamilyAdapter, VisionTower, _pixels
+from libra_fx.families.base import FamilyAdapter, FamilyFixture, VisionTower, _pixels
 
 # any-resolution tiny configs: 16-px base tiles of 4×4 patches, grid pinpoints up to 32×32
 _ANYRES = dict(image_grid_pinpoints=[[16, 32], [32, 16], [32, 32]], vision_config=dict(image_size=16, patch_size=4))
 
 
 @dataclass(frozen=True)
-class AnyResAdapter(FamilyAdapter):
+class AnyResFixture(FamilyFixture):
     """Images as a base tile plus any-resolution tiles (``pixel_values [B, tiles, 3, S, S]`` and
     ``image_sizes``); videos as ``pixel_values_videos [B, frames, 3, S, S]``."""
 
@@ -41,39 +42,42 @@ def anyres_tiles(config, image_size: tuple[int, int]) -> int:
 LLAVA = FamilyAdapter(
     "LLaVA-1.5", ("LlavaForConditionalGeneration", "LlavaModel"), ("modeling_llava",),
     span_notes="one span per image; the [CLS] token is dropped before the projector",
-    vision_tower=VisionTower(cls_token=True), model_types=("llava",),
+    vision_tower=VisionTower(cls_token=True),
 )
 
-LLAVA_NEXT = AnyResAdapter(
+LLAVA_NEXT = FamilyAdapter(
     "LLaVA-NeXT", ("LlavaNextForConditionalGeneration", "LlavaNextModel"), ("modeling_llava_next",),
     span_notes=("one span per image: its base tile, its any-resolution tiles and the image_newline token after "
                 "each row of the tiled feature map (the model scatters them together, so they are visual tokens); "
                 "images of different sizes give samples different span lengths (empty slots)"),
-    model_types=("llava_next",), tiny=_ANYRES,
 )
 
-LLAVA_ONEVISION = AnyResAdapter(
+LLAVA_ONEVISION = FamilyAdapter(
     "LLaVA-OneVision", ("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionModel"),
     ("modeling_llava_onevision",),
     span_notes="one span per image (tiles and image_newline tokens, as LLaVA-NeXT); one per video (all its frames)",
-    model_types=("llava_onevision",), modalities=("image", "video"), tiny=_ANYRES,
+    modalities=("image", "video"),
 )
 
-LLAVA_NEXT_VIDEO = AnyResAdapter(
+LLAVA_NEXT_VIDEO = FamilyAdapter(
     "LLaVA-NeXT-Video", ("LlavaNextVideoForConditionalGeneration", "LlavaNextVideoModel"),
     ("modeling_llava_next_video",),
     span_notes="one span per image (as LLaVA-NeXT)",
-    model_types=("llava_next_video",), tiny=_ANYRES,
 )
 
 VIDEO_LLAVA = FamilyAdapter(
     "Video-LLaVA", ("VideoLlavaForConditionalGeneration", "VideoLlavaModel"), ("modeling_video_llava",),
     span_notes="one span per image",
-    model_types=("video_llava",), frames=8,
 )
 
 VIPLLAVA = FamilyAdapter(
     "VipLlava", ("VipLlavaForConditionalGeneration", "VipLlavaModel"), ("modeling_vipllava",),
     span_notes="one span per image (features of several tower layers, concatenated per patch)",
-    model_types=("vipllava",), tiny=dict(vision_feature_layers=[-2, -1]),
 )
+
+LLAVA_FIXTURE = FamilyFixture(LLAVA, ("llava",))
+LLAVA_NEXT_FIXTURE = AnyResFixture(LLAVA_NEXT, ("llava_next",), tiny=_ANYRES)
+LLAVA_ONEVISION_FIXTURE = AnyResFixture(LLAVA_ONEVISION, ("llava_onevision",), tiny=_ANYRES)
+LLAVA_NEXT_VIDEO_FIXTURE = AnyResFixture(LLAVA_NEXT_VIDEO, ("llava_next_video",), tiny=_ANYRES)
+VIDEO_LLAVA_FIXTURE = FamilyFixture(VIDEO_LLAVA, ("video_llava",), frames=8)
+VIPLLAVA_FIXTURE = FamilyFixture(VIPLLAVA, ("vipllava",), tiny=dict(vision_feature_layers=[-2, -1]))

@@ -11,7 +11,7 @@
   cannot, so there the family is refused).
 
 The markers are text: never merged, they keep their places and positions. Their ids are the
-processor's; the tiny test prompts use ids of their own (``MARKERS``).
+processor's; the fixtures' tiny prompts use ids of their own (``MARKERS``).
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ from dataclasses import dataclass
 
 import torch
 
-from libra_fx.families.base import FamilyAdapter, VisionTower, _pixels
+from libra_fx.families.base import FamilyAdapter, FamilyFixture, VisionTower, _pixels
 
 MARKERS = dict(break_=120, end=121, around=122, global_=123, newline=124, first_tile=125)  # tiny prompts only
 
 
 @dataclass(frozen=True)
-class PixtralAdapter(FamilyAdapter):
+class PixtralFixture(FamilyFixture):
     """Images of ``image_size`` (h, w) pixels, their placeholders in rows of the merged patch grid."""
 
     image_size: tuple[int, int] = (48, 64)
@@ -45,12 +45,10 @@ class PixtralAdapter(FamilyAdapter):
 
 
 @dataclass(frozen=True)
-class TiledAdapter(FamilyAdapter):
+class TiledFixture(FamilyFixture):
     """Images as ``grid`` (rows, cols) tiles plus the global view (``pixel_values [B, tiles + 1, 3, S, S]``)."""
 
     grid: tuple[int, int] = (1, 2)
-    bare_backend: str = ("the images of each sample are counted from input_ids before the call, which a bare "
-                         "torch.compile with libra_fx.backend cannot do: use libra_fx.compile(model, ...)")
 
     def vision_inputs(self, model, batch, gen, token="image"):
         side = model.config.vision_config.image_size
@@ -67,6 +65,14 @@ class TiledAdapter(FamilyAdapter):
                 out += [MARKERS["around"], MARKERS["first_tile"] + r * cols + c] + image
             out.append(MARKERS["newline"])
         return out + [MARKERS["newline"], MARKERS["around"], MARKERS["global_"]] + image + [MARKERS["around"]]
+
+
+@dataclass(frozen=True)
+class TiledAdapter(FamilyAdapter):
+    """Images as tiles plus a global view, one feature piece per sample: one image per sample is compressed."""
+
+    bare_backend: str = ("the images of each sample are counted from input_ids before the call, which a bare "
+                         "torch.compile with libra_fx.backend cannot do: use libra_fx.compile(model, ...)")
 
     def refused_inputs(self, model, kwargs):
         """A sample with more than one image: its images' tiles reach the decoder as one piece. Images are
@@ -90,20 +96,23 @@ class TiledAdapter(FamilyAdapter):
         return super().refused_inputs(model, kwargs)
 
 
-MISTRAL3 = PixtralAdapter(
+MISTRAL3 = FamilyAdapter(
     "Mistral3", ("Mistral3ForConditionalGeneration", "Mistral3Model"), ("modeling_mistral3",),
     span_notes="one span per image: its rows of placeholders, with the [IMG_BREAK] text tokens between them",
-    model_types=("mistral3",), tiny=dict(vision_config=dict(image_size=64, head_dim=16)),
 )
 
 IDEFICS3 = TiledAdapter(
     "Idefics3", ("Idefics3ForConditionalGeneration", "Idefics3Model"), ("modeling_idefics3",),
     span_notes=("one span per image: its tiles and global view, with the tile markers (text) between them; "
                 "one image per sample"),
-    model_types=("idefics3",), vision_tower=VisionTower(cls_token=False, projector="connector"),
+    vision_tower=VisionTower(cls_token=False, projector="connector"),
 )
 
 SMOLVLM = TiledAdapter(
     "SmolVLM", ("SmolVLMForConditionalGeneration", "SmolVLMModel"), ("modeling_smolvlm",),
-    span_notes=IDEFICS3.span_notes, model_types=("smolvlm",), vision_tower=IDEFICS3.vision_tower,
+    span_notes=IDEFICS3.span_notes, vision_tower=IDEFICS3.vision_tower,
 )
+
+MISTRAL3_FIXTURE = PixtralFixture(MISTRAL3, ("mistral3",), tiny=dict(vision_config=dict(image_size=64, head_dim=16)))
+IDEFICS3_FIXTURE = TiledFixture(IDEFICS3, ("idefics3",))
+SMOLVLM_FIXTURE = TiledFixture(SMOLVLM, ("smolvlm",))

@@ -12,6 +12,7 @@ transformers' default configs: 3, 7, 11, …).
 
 from __future__ import annotations
 
+from libra_fx.families.qwen2_vl import MRopeFixture
 from libra_fx.families.qwen3_vl import _QWEN3, Qwen3Adapter
 
 _TINY = dict(text_config=dict(
@@ -22,11 +23,14 @@ _TINY = dict(text_config=dict(
     vision_config=dict(patch_size=4))
 _SPANS = ("one span per image; Gated DeltaNet layers (not stage layers) scan the compressed sequence in the "
           "prompt's chunk count, the extra chunks padding; videos uncompressed (a timestamp before each frame)")
-# a 16 × 16 grid: 64 visual tokens, so the tiny prompt spans two chunks of 64 and its compressed one fewer
-_QWEN3_5 = dict(_QWEN3, span_notes=_SPANS, tiny=_TINY, grid=(16, 16), symbolic_length=True, chunk_scans=True,
+_QWEN3_5 = dict(_QWEN3, span_notes=_SPANS, symbolic_length=True, chunk_scans=True,
                 graph_break_hint=_QWEN3["graph_break_hint"].replace("Qwen3-VL", "Qwen3.5"))
 
 QWEN3_5 = Qwen3Adapter("Qwen3.5", ("Qwen3_5ForConditionalGeneration", "Qwen3_5Model"), ("modeling_qwen3_5",),
-                       model_types=("qwen3_5",), **_QWEN3_5)
+                       **_QWEN3_5)
 QWEN3_5_MOE = Qwen3Adapter("Qwen3.5-MoE", ("Qwen3_5MoeForConditionalGeneration", "Qwen3_5MoeModel"),
-                           ("modeling_qwen3_5_moe",), model_types=("qwen3_5_moe",), **_QWEN3_5)
+                           ("modeling_qwen3_5_moe",), **_QWEN3_5)
+
+# a 16 × 16 grid: 64 visual tokens, so the tiny prompt spans two chunks of 64 and its compressed one fewer
+QWEN3_5_FIXTURE = MRopeFixture(QWEN3_5, ("qwen3_5",), tiny=_TINY, grid=(16, 16))
+QWEN3_5_MOE_FIXTURE = MRopeFixture(QWEN3_5_MOE, ("qwen3_5_moe",), tiny=_TINY, grid=(16, 16))

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from libra_fx.families.qwen2_vl import _COMMON, _HINT, MRopeAdapter
+from libra_fx.families.qwen2_vl import _COMMON, _HINT, MRopeAdapter, MRopeFixture
+from libra_fx.runtime.compat import DEEPSTACK
 
 
 def add_deepstack_features(self, hidden_states: torch.Tensor, visual_pos_masks: torch.Tensor,
@@ -64,18 +65,18 @@ class DeepStackAdapter(Qwen3Adapter):
     def install_shims(self, model) -> None:
         super().install_shims(model)
         text = model.model.language_model
-        text._deepstack_process = types.MethodType(add_deepstack_features, text)
+        setattr(text, DEEPSTACK, types.MethodType(add_deepstack_features, text))
 
     @contextlib.contextmanager
     def without_shims(self, model):
         text = model.model.language_model
-        shim = vars(text).pop("_deepstack_process", None)
+        shim = vars(text).pop(DEEPSTACK, None)
         try:
             with super().without_shims(model):
                 yield model
         finally:
             if shim is not None:
-                text._deepstack_process = shim
+                setattr(text, DEEPSTACK, shim)
 
 
 _SPANS = ("one span per image; the first stage layer follows the DeepStack layers (at least "
@@ -83,11 +84,12 @@ _SPANS = ("one span per image; the first stage layer follows the DeepStack layer
 _TINY = dict(text_config=dict(rope_parameters={"rope_type": "default", "mrope_section": [4, 2, 2],
                                                "rope_theta": 10000.0}),
              vision_config=dict(deepstack_visual_indexes=[0], patch_size=4))  # one DeepStack layer: stages ≥ 1
-_QWEN3 = dict(_COMMON, span_notes=_SPANS, modalities=("image",), tiny=_TINY,
-              graph_break_hint=_HINT.replace("Qwen2-VL", "Qwen3-VL"))
+_QWEN3 = dict(_COMMON, span_notes=_SPANS, modalities=("image",), graph_break_hint=_HINT.replace("Qwen2-VL", "Qwen3-VL"))
 
 QWEN3_VL = DeepStackAdapter("Qwen3-VL", ("Qwen3VLForConditionalGeneration", "Qwen3VLModel"), ("modeling_qwen3_vl",),
-                          model_types=("qwen3_vl",), **_QWEN3)
+                            **_QWEN3)
 QWEN3_VL_MOE = DeepStackAdapter("Qwen3-VL-MoE", ("Qwen3VLMoeForConditionalGeneration", "Qwen3VLMoeModel"),
-                              ("modeling_qwen3_vl_moe",), model_types=("qwen3_vl_moe",), symbolic_length=True,
-                              **_QWEN3)
+                                ("modeling_qwen3_vl_moe",), symbolic_length=True, **_QWEN3)
+
+QWEN3_VL_FIXTURE = MRopeFixture(QWEN3_VL, ("qwen3_vl",), tiny=_TINY)
+QWEN3_VL_MOE_FIXTURE = MRopeFixture(QWEN3_VL_MOE, ("qwen3_vl_moe",), tiny=_TINY)

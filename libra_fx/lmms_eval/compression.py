@@ -16,7 +16,7 @@ import torch.distributed as dist
 from loguru import logger as eval_logger
 from lmms_eval.models.model_utils.gen_metrics import log_metrics
 
-from libra_fx.api import num_decoder_layers
+from libra_fx.runtime.compiled_model import num_decoder_layers
 from libra_fx.lmms_eval.settings import EvalSettings
 from libra_fx.lmms_eval.visual_tokens import VisualTokenCounter
 

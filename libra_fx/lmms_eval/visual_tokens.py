@@ -1,9 +1,10 @@
 """How many visual tokens the decoder layers actually saw, measured on the model's KV cache.
 
 A forward hook on the model reads, after every prefill (a call whose tokens hold image or video
-placeholders), the prompt's placeholders and the length of chosen layers' KV caches: a layer's
-cache holds what that layer attended over, so ``cache length − text tokens`` is the visual tokens
-it saw, compressed or not. Sums are kept (``sums``), so counts of several processes add up::
+placeholders, the ids its family adapter names: ``FamilyAdapter.placeholder_ids``), the prompt's
+placeholders and the length of chosen layers' KV caches: a layer's cache holds what that layer
+attended over, so ``cache length − text tokens`` is the visual tokens it saw, compressed or not.
+Sums are kept (``sums``), so counts of several processes add up::
 
     counter = VisualTokenCounter(model, layers=(0, 8, 16, 24))
     model.generate(...)
@@ -19,22 +20,15 @@ from collections import Counter
 
 import torch
 
-from libra_fx.hf_compat import prompt_tokens, returned_cache
-
-PLACEHOLDERS = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
-
-
-def placeholder_ids(config) -> list[int]:
-    """The config's image and video placeholder token ids."""
-    ids = {getattr(config, name, None) for name in PLACEHOLDERS}
-    return sorted(i for i in ids if isinstance(i, int))
+from libra_fx import families
+from libra_fx.runtime.compat import prompt_tokens, returned_cache
 
 
 class VisualTokenCounter:
     """Counts visual tokens at ``layers`` on every prefill of ``model`` (see the module docstring)."""
 
     def __init__(self, model, layers: tuple[int, ...]):
-        self.placeholders = torch.tensor(placeholder_ids(model.config), dtype=torch.long)
+        self.placeholders = torch.tensor(sorted(families.placeholder_ids(model)), dtype=torch.long)  # its adapter's
         if not len(self.placeholders):
             raise ValueError(f"{type(model).__name__}'s config names no image or video placeholder token")
         self.layers = layers

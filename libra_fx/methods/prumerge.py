@@ -12,7 +12,9 @@ keeps a data-dependent number of patches, which the graph holds in a fixed numbe
     kept | sampled, a          → ranks, is_kept, valid = kept_slots(…, C, order) [S, C]
     x [S, N, D], keys, a       → slots = merged_slots(x, patch_keys(key), a, kept, ranks, is_kept, valid)  [S, C, D]
 
-See the README section "PruMerge and PruMerge+ (vision-side methods)".
+The methods themselves (their signal, capacity and slots, as :class:`~libra_fx.methods.vision.VisionMethod`
+implementations) are :mod:`libra_fx.methods.vision.prumerge`. See the README section "PruMerge and
+PruMerge+ (vision-side methods)".
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from libra_fx.methods.selectors import num_targets, one_hot_targets, top_k
+from libra_fx.runtime import compat
 
 NEIGHBOURS = 32  # k of the k-nearest-patch merge
 ORDERS = ("spatial", "attention")
@@ -139,7 +142,8 @@ def kept_slots(kept: torch.Tensor, sampled: torch.Tensor, a: torch.Tensor, slots
         rank_by_a = torch.empty_like(by_a).scatter_(1, by_a, patches)
         key = torch.where(kept, rank_by_a, torch.where(sampled, n + patches, 2 * n + patches))
     count = (kept | sampled).sum(-1, keepdim=True)
-    torch._assert_async((count + (count < n) <= slots).all(), f"libra_fx: an image kept more patches than its {slots} slots")
+    compat.assert_async((count + (count < n) <= slots).all(),
+                        f"libra_fx: an image kept more patches than its {slots} slots")
     slot = torch.arange(slots, device=kept.device)
     is_kept = slot < count
     ranks = torch.where(is_kept, torch.sort(key, dim=-1, stable=True).indices[:, :slots], n - 1)

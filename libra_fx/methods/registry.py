@@ -1,4 +1,5 @@
-"""The method registry (contract §6): every method is a selector plus a compressor, with typed options.
+"""The method registry (contract §6): every decoder-side method is a selector plus a compressor, every
+vision-side method a :class:`~libra_fx.methods.vision.VisionMethod`, each with typed options.
 
 ::
 
@@ -7,20 +8,24 @@
     libra_fx.backend(method=libra_fx.method("turbo", lam=0.5))
     libra_fx.method("prumerge", order="attention", positions="repacked")   # the reference's layout
 
-A new decoder-side method is a selector, a compressor and one entry in :data:`METHODS`. The
-vision-side methods (``side="vision"``) compress once, where the image features enter the language
-model (:mod:`libra_fx.methods.prumerge`); they have a ``select`` and a static ``capacity`` instead.
+A new decoder-side method is a selector, a compressor and one entry in :data:`METHODS`. A new
+vision-side method (``side="vision"``: it compresses once, where the image features enter the language
+model) is one module of :mod:`libra_fx.methods.vision` and one entry in :data:`VISION_BUILTINS`, or
+:func:`register_vision_method` at run time (:func:`unregister_vision_method` removes it).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Callable, Mapping
+from typing import Callable, ClassVar, Mapping, Union
 
-from libra_fx.methods import compressors, prumerge, selectors
+from libra_fx.methods import compressors, selectors
+from libra_fx.methods.vision import POSITIONS, VisionMethod, VisionOptions  # noqa: F401 (POSITIONS: re-exported)
+from libra_fx.methods.vision.prumerge import PruMerge, PruMergeFixed, PruMergeOptions, PruMergePlus  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -63,25 +68,6 @@ class TurboOptions:
             raise ValueError(f"lam must be a finite number, got {self.lam!r}")
 
 
-POSITIONS = ("original", "repacked")
-
-
-@dataclass(frozen=True)
-class PruMergeOptions:
-    """The vision-side methods' layout (contract §6): ``order`` of the kept tokens, ``"spatial"`` (patch
-    order) or ``"attention"`` (the reference's: descending [CLS] attention, PruMerge+'s samples after);
-    ``positions``: ``"original"`` (each kept token keeps its patch's position id, text keeps its own) or
-    ``"repacked"`` (the compressed sequence is numbered afresh, as LLaVA numbers its input)."""
-
-    order: str = "spatial"
-    positions: str = "original"
-
-    def __post_init__(self):
-        for name, valid in (("order", prumerge.ORDERS), ("positions", POSITIONS)):
-            if getattr(self, name) not in valid:
-                raise ValueError(f"{name} must be one of {', '.join(map(repr, valid))}, got {getattr(self, name)!r}")
-
-
 def _check_eta(eta) -> None:
     if eta != "mean" and (isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta > 0):
         raise ValueError(f"eta must be 'mean' or a positive number, got {eta!r}")
@@ -89,21 +75,21 @@ def _check_eta(eta) -> None:
 
 @dataclass(frozen=True)
 class Method:
+    """A decoder-side method: a stage after decoder layers (vision-side methods are :class:`VisionMethod`)."""
+
+    side: ClassVar[str] = "decoder"
+    adaptive: ClassVar[bool] = False  # the vision side's notion; a decoder stage's count is static
+
     name: str
     summary: str
     options: type = NoOptions
-    side: str = "decoder"  # "decoder": a stage after decoder layers; "vision": once, before layer 0
-    # decoder side
     selector: Callable | None = None  # (alpha [S,N], hidden [S,N,D], nt, options) -> target ranks [S, Nt]
     compressor: Callable | None = None  # (hidden, alpha, targets, options) -> [S, Nt (+1), D]
     labels: Callable | None = None  # (hidden, targets, options) -> [S, N] each token's group (or a label < 0)
     compensation: bool = False  # whether each stage appends a compensation token per span
-    # vision side
-    select: Callable | None = None  # (a [S, N], ratio) -> kept [S, N] bool, ranked by a in "attention" order
-    samples: Callable = prumerge.no_samples  # kept -> the patches kept besides them (PruMerge+), [S, N] bool
-    capacity: Callable | None = None  # (n, ratio) -> static slots per image (extra token included)
-    adaptive: bool = False  # the kept count depends on the image (held in padded slots)
-    typical_kept: float | None = None  # adaptive methods: the kept fraction the FLOPs report assumes
+
+
+AnyMethod = Union[Method, VisionMethod]
 
 
 @dataclass(frozen=True)
@@ -114,7 +100,7 @@ class MethodSpec:
     options: object
 
     @property
-    def method(self) -> Method:
+    def method(self) -> AnyMethod:
         return get_method(self.name)
 
     def items(self) -> tuple[tuple[str, object], ...]:
@@ -151,7 +137,7 @@ def _groups(hidden, targets, options):
 _PTI = _by_alpha(selectors.pti)
 _TOP_ALPHA = _by_alpha(selectors.top_alpha)
 
-METHODS: Mapping[str, Method] = MappingProxyType({m.name: m for m in (
+DECODER_BUILTINS: tuple[Method, ...] = (
     Method("libra", "PTI targets + importance-informed grouped merging + compensation token", IGMOptions,
            selector=_PTI, compressor=_igm(), labels=_igm_labels(), compensation=True),
     Method("fastv", "top-Nt by importance, the rest pruned", selector=_TOP_ALPHA,
@@ -169,26 +155,82 @@ METHODS: Mapping[str, Method] = MappingProxyType({m.name: m for m in (
     Method("igm_neg", "ablation: PTI + IGM with every non-target negative (one compensation token)",
            TemperatureOptions, selector=_PTI, compressor=_igm(merge_positives=False),
            labels=_igm_labels(float("inf"), merge_positives=False), compensation=True),
-    Method("prumerge", "PruMerge: [CLS]-attention IQR outliers, each plus its 32 nearest patches by attention, "
-           "+ one extra token", PruMergeOptions, side="vision", select=lambda a, ratio: prumerge.iqr_outliers(a),
-           capacity=lambda n, ratio: prumerge.with_extra(n, prumerge.iqr_capacity(n)), adaptive=True,
-           typical_kept=32 / 576),
-    Method("prumerge_plus", "PruMerge+: IQR outliers + uniform samples (stride from the IQR share), merged alike",
-           PruMergeOptions, side="vision", select=lambda a, ratio: prumerge.iqr_outliers(a),
-           samples=prumerge.uniform_samples, capacity=lambda n, ratio: prumerge.plus_capacity(n), adaptive=True,
-           typical_kept=0.25),
-    Method("prumerge_fixed", "PruMerge with a fixed budget: the Nt most [CLS]-attended patches, merged alike",
-           PruMergeOptions, side="vision", select=prumerge.top_fraction,
-           capacity=lambda n, ratio: prumerge.with_extra(n, selectors.num_targets(n, ratio))),
-)})
-DECODER_METHODS = tuple(name for name, m in METHODS.items() if m.side == "decoder")
-VISION_METHODS = tuple(name for name, m in METHODS.items() if m.side == "vision")
+)
+VISION_BUILTINS: tuple[VisionMethod, ...] = (PruMerge(), PruMergePlus(), PruMergeFixed())
+
+_METHODS: dict[str, AnyMethod] = {m.name: m for m in (*DECODER_BUILTINS, *VISION_BUILTINS)}
+METHODS: Mapping[str, AnyMethod] = MappingProxyType(_METHODS)  # a live read-only view: registered methods appear
+_BUILTIN_NAMES = frozenset(_METHODS)
 
 
-def get_method(name: str) -> Method:
+class MethodNames(Sequence):
+    """The names of one side's methods in :data:`METHODS`, in registration order: a live, read-only
+    sequence (a vision method registered later is in it), equal to the tuple of its names."""
+
+    def __init__(self, side: str):
+        self._side = side
+
+    def _names(self) -> tuple[str, ...]:
+        return tuple(name for name, m in _METHODS.items() if m.side == self._side)
+
+    def __getitem__(self, index):
+        return self._names()[index]
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def __eq__(self, other) -> bool:
+        return self._names() == (tuple(other) if isinstance(other, (tuple, MethodNames)) else other)
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return repr(self._names())
+
+
+DECODER_METHODS = MethodNames("decoder")
+VISION_METHODS = MethodNames("vision")
+
+
+def get_method(name: str) -> AnyMethod:
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")
     return METHODS[name]
+
+
+def get_vision_method(name: str) -> VisionMethod:
+    """The vision-side method ``name`` (``ValueError`` for an unknown or decoder-side one)."""
+    m = get_method(name)
+    if not isinstance(m, VisionMethod):
+        raise ValueError(f"{name} is a decoder-side method; vision-side methods: {', '.join(VISION_METHODS)}")
+    return m
+
+
+def register_vision_method(m: VisionMethod, *, replace: bool = False) -> VisionMethod:
+    """Add a vision-side method (an instance of a :class:`VisionMethod` subclass) under ``m.name``, for
+    ``libra_fx.method``/``compile``/``backend`` and :data:`VISION_METHODS`; ``replace=True`` replaces an
+    earlier registration of that name (never a built-in). Returns ``m``."""
+    if not isinstance(m, VisionMethod):
+        raise TypeError(f"register_vision_method takes a VisionMethod instance, got {m!r}")
+    name = getattr(m, "name", None)
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"a vision method's name must be an identifier, got {name!r}")
+    if name in _BUILTIN_NAMES or (name in _METHODS and not replace):
+        raise ValueError(f"a method named {name!r} is already registered")
+    options = m.options
+    if not (isinstance(options, type) and issubclass(options, VisionOptions) and dataclasses.is_dataclass(options)):
+        raise ValueError(f"{name}: options must be a dataclass subclass of VisionOptions, got {m.options!r}")
+    if m.adaptive and not (isinstance(m.typical_kept, float) and 0 < m.typical_kept <= 1):
+        raise ValueError(f"{name}: an adaptive method needs typical_kept in (0, 1] (the FLOPs report's kept share)")
+    _METHODS[name] = m
+    return m
+
+
+def unregister_vision_method(name: str) -> None:
+    """Remove a method added by :func:`register_vision_method` (``ValueError`` for a built-in or unknown one)."""
+    if name in _BUILTIN_NAMES or not isinstance(_METHODS.get(name), VisionMethod):
+        raise ValueError(f"{name!r} is not a registered vision method that can be removed")
+    del _METHODS[name]
 
 
 def method(name: str, **options) -> MethodSpec:

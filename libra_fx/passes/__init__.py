@@ -2,14 +2,17 @@
 
 Each pass takes the shared :class:`~libra_fx.passes.context.RewriteContext`, reads or edits
 ``ctx.gm.graph`` in place and returns a :class:`~libra_fx.passes.context.PassResult` saying what it
-matched and what it skipped (and why). A pass that meets a graph it does not understand raises
-:class:`~libra_fx.UnsupportedGraph`; the backend then compiles the original graph uncompressed,
-with a warning (or re-raises under ``strict=True``). A pass whose ``applies`` is false for the
-method is recorded as skipped.
+matched and what it skipped (and why), in words and in counts; :func:`run_pipeline` logs each result
+at DEBUG on the ``libra_fx.passes`` logger (``logging.basicConfig()`` and
+``logging.getLogger("libra_fx").setLevel(logging.DEBUG)`` show them). A pass that meets a graph it
+does not understand raises :class:`~libra_fx.UnsupportedGraph`; the backend then compiles the original
+graph uncompressed, with a warning (or re-raises under ``strict=True``). A pass whose ``applies`` is
+false for the method is recorded as skipped.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Callable
 
@@ -27,6 +30,8 @@ from libra_fx.passes import (
     rewire_sequence,
 )
 from libra_fx.passes.context import PassResult, RewriteContext
+
+log = logging.getLogger("libra_fx.passes")
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,8 @@ def run_pipeline(ctx: RewriteContext, passes: tuple[Pass, ...] = PIPELINE) -> li
             results.append(p.run(ctx))
         else:
             results.append(PassResult(p.name, skipped=[f"needs {p.needs}; the method is {ctx.config.method}"]))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s", results[-1])
     ctx.gm.graph.lint()
     ctx.gm.recompile()
     return results

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import sympy
 import torch
-from torch._dispatch.python import enable_python_dispatcher
-from torch._subclasses.fake_tensor import FakeTensor, disable_fake_tensor_cache
 
 from libra_fx.errors import UnsupportedGraph
 from libra_fx.passes.context import PassResult, RewriteContext
 from libra_fx.passes.fx_utils import INSERTED, is_size_like, value
 from libra_fx.passes.rewire_sequence import PADDED
+from libra_fx.runtime.compat import fake_propagation, fake_tensor_type
 
 
 def _hint(ctx: RewriteContext) -> str:
@@ -41,14 +40,16 @@ class _PropagateRewritten(torch.fx.Interpreter):
     def __init__(self, gm, mode, changed):
         super().__init__(gm)
         self.mode, self.changed = mode, changed
+        self.propagated = 0  # nodes fake-run
 
     def run_node(self, n):
         if n.op == "placeholder" or not (n in self.changed or n.meta.get(INSERTED) or n.op == "output"):
             return value(n)
         # as Dynamo traced it (symbolic pads, …); without the fake-tensor cache, whose entries for symbolic
         # shapes cost more to build than the one run of each node they would serve (about a third of the pass)
-        with self.mode, enable_python_dispatcher(), disable_fake_tensor_cache(self.mode):
+        with fake_propagation(self.mode):
             result = super().run_node(n)
+        self.propagated += n.op != "output"
         n.meta["val"] = result
         return result
 
@@ -75,10 +76,12 @@ def _same(a, b) -> bool:
 def run(ctx: RewriteContext) -> PassResult:
     result = PassResult("check_shapes")
     placeholders = [value(n) for n in ctx.gm.graph.find_nodes(op="placeholder")]
-    mode = next(x.fake_mode for x in placeholders if isinstance(x, FakeTensor))
+    fake = fake_tensor_type()
+    mode = next(x.fake_mode for x in placeholders if isinstance(x, fake))
     changed = set().union(*(stage.region for stage in ctx.stages))
+    propagation = _PropagateRewritten(ctx.gm, mode, changed)
     try:
-        _PropagateRewritten(ctx.gm, mode, changed).run(*placeholders)
+        propagation.run(*placeholders)
     except Exception as e:  # noqa: BLE001  (any failure means the rewrite is not understood)
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise UnsupportedGraph(
@@ -103,4 +106,7 @@ def run(ctx: RewriteContext) -> PassResult:
         checked += 1
     lengths = ", ".join(f"layer {s.layer}: {value(s.new_len)}" for s in ctx.stages)
     result.matched.append(f"{checked} later shapes consistent; lengths after stages: {lengths}")
+    result.count("stages", len(ctx.stages))
+    result.count("propagated", propagation.propagated)  # nodes fake-run: inserted ones and the stages' regions
+    result.count("checked", checked)  # original nodes whose new shape was compared with the expected one
     return result

@@ -9,7 +9,9 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-SDPA = frozenset({torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention})
+from libra_fx.runtime.compat import SDPA_OPS, empty_graph_like
+
+SDPA = SDPA_OPS  # the SDPA call, as Dynamo records it or as written
 SOFTMAX = frozenset({F.softmax, torch.softmax, "softmax"})
 MATMUL = frozenset({torch.matmul, operator.matmul, "matmul"})
 LAYER_PATH = re.compile(r"^(?P<prefix>.*?)\.?layers\.(?P<index>\d+)(?:\.|$)")  # "<prefix>.layers.<i>…"
@@ -22,9 +24,13 @@ def module_path(node: fx.Node) -> str:
     root is dropped, so the result is robust to how the model was compiled.
     """
     stack = node.meta.get("nn_module_stack")
-    if not stack:
+    # a module held by a module global rather than the model (with the ``kernels`` package, transformers
+    # ≥ 5.25 makes ``apply_rotary_pos_emb`` one: ``G['…modeling_llama'].apply_rotary_pos_emb``) belongs to
+    # the model's module that called it
+    paths = [path for path, _ in (stack or {}).values() if not path.startswith("G[")]
+    if not paths:
         return ""
-    path = list(stack.values())[-1][0]
+    path = paths[-1]
     for root in ("L['self'].", "L['self']", "self.", "self"):
         if path.startswith(root):
             return path[len(root):]
@@ -38,8 +44,7 @@ def value(node: fx.Node):
 
 def clone(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy of ``gm`` with its own graph (node metadata is shared shallowly)."""
-    graph = fx.Graph()
-    graph._codegen = gm.graph._codegen
+    graph = empty_graph_like(gm)
     out, old_output = graph.graph_copy(gm.graph, {}, return_output_node=True)
     graph.output(out).meta = dict(old_output.meta)
     copy = fx.GraphModule(gm, graph)
@@ -74,6 +79,11 @@ def ancestors(start: fx.Node) -> set[fx.Node]:
 
 
 INSERTED = "libra_fx_inserted"
+
+
+def count_inserted(graph: fx.Graph) -> int:
+    """How many nodes of ``graph`` the passes inserted (a pass counts its own as the difference)."""
+    return sum(1 for n in graph.nodes if n.meta.get(INSERTED))
 
 
 def call(graph: fx.Graph, fn, *args, **kwargs) -> fx.Node:

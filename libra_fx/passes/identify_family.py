@@ -26,9 +26,13 @@ def run(ctx: RewriteContext) -> PassResult:
         _check_known(ctx.family, seen)
         if ctx.family.bare_backend:
             raise UnsupportedGraph(f"{ctx.family.name}: {ctx.family.bare_backend}")
-        result.matched.append(f"{ctx.family.name} (from {', '.join(s for s in seen if _names(ctx.family, s))})")
+        naming = [s for s in seen if _names(ctx.family, s)]
+        result.matched.append(f"{ctx.family.name} (from {', '.join(naming)})")
+        result.count("found")  # found in the graph
+        result.count("classes", len(naming))  # the module classes (or modeling files) that named it
     else:
         result.matched.append(f"{ctx.family.name} (given by the caller)")
+        result.count("given")
     return result
 
 

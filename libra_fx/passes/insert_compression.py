@@ -22,7 +22,7 @@ import torch
 
 from libra_fx.methods.selectors import num_targets
 from libra_fx.passes.context import PassResult, RewriteContext
-from libra_fx.passes.fx_utils import call, value
+from libra_fx.passes.fx_utils import call, count_inserted, value
 from libra_fx.sequence.decode import empty_slots_per_layer
 from libra_fx.sequence.splice import compress_visual_tokens, visual_span_mask
 
@@ -31,6 +31,8 @@ def run(ctx: RewriteContext) -> PassResult:
     result = PassResult("insert_compression")
     graph, cfg = ctx.gm.graph, ctx.config
     compensation = int(cfg.spec.method.compensation)
+    already = count_inserted(graph)
+    result.count("stages", len(ctx.stages))
     kinds = None
     for i, stage in enumerate(ctx.stages):
         with graph.inserting_before(stage.layer_output.next):  # new nodes in program order
@@ -44,6 +46,7 @@ def run(ctx: RewriteContext) -> PassResult:
             stage.new_len = call(graph, torch.ops.aten.sym_size.int, stage.hidden, 1)
             if ctx.record:
                 ctx.side_outputs[f"records{i}"] = call(graph, operator.getitem, node, 3)
+                result.count("records")  # side outputs: a stage's targets and token labels
         kinds = stage.kinds
         sizes = [value(n) if isinstance(n, torch.fx.Node) else n for n in stage.span_lens[0]]
         result.matched.append(
@@ -58,4 +61,7 @@ def run(ctx: RewriteContext) -> PassResult:
                                                    layers=tuple(s.layer for s in ctx.stages),
                                                    num_layers=ctx.num_layers)
         result.matched.append("empty slots per stage and sample returned for decode")
+        result.count("empty_slots")  # side output: empty slots per stage and sample, for decode
+    result.count("compensation", len(ctx.stages) * compensation)  # compensation tokens per span after the last stage
+    result.count("inserted", count_inserted(graph) - already)
     return result

@@ -19,13 +19,15 @@ import torch
 from libra_fx.errors import UnsupportedGraph
 from libra_fx.methods.importance import last_row_importance
 from libra_fx.passes.context import PassResult, RewriteContext
-from libra_fx.passes.fx_utils import call
+from libra_fx.passes.fx_utils import call, count_inserted
 from libra_fx.passes.matchers import AttentionKind, find_attention
 
 
 def run(ctx: RewriteContext) -> PassResult:
     result = PassResult("insert_importance")
     graph = ctx.gm.graph
+    already = count_inserted(graph)
+    result.count("stages", len(ctx.stages))
     for stage in ctx.stages:
         site = find_attention(stage.layer, stage.layer_nodes)
         if site.kind is AttentionKind.FLASH and len(stage.span_lens) > 1:
@@ -40,4 +42,9 @@ def run(ctx: RewriteContext) -> PassResult:
             stage.importance = call(graph, last_row_importance, query, key, site.mask, site.scale)
         mask = site.mask.name if site.mask is not None else "causal"
         result.matched.append(f"layer {stage.layer}: {site.kind.value} attention {site.node.name} (mask {mask})")
+        result.count("attention_rows")  # importance rows inserted
+        result.count(f"{site.kind.value}_attention")  # the kernel matched: sdpa, eager or flash
+        if site.mask is None:
+            result.count("causal")  # the attention call takes no mask
+    result.count("inserted", count_inserted(graph) - already)  # the rows, and the transposes of flash's q and k
     return result

@@ -18,7 +18,7 @@ import torch.fx as fx
 from libra_fx.errors import UnsupportedGraph
 from libra_fx.methods.selectors import num_targets
 from libra_fx.passes.context import PassResult, RewriteContext
-from libra_fx.passes.fx_utils import call, concrete, target_name, value
+from libra_fx.passes.fx_utils import call, concrete, count_inserted, target_name, value
 
 SHAPE_KEEPING = frozenset({"to", "cat", "getitem", "reshape", "view", "flatten", "contiguous", "float", "type"})
 
@@ -120,6 +120,7 @@ def show(rows) -> str:
 def run(ctx: RewriteContext) -> PassResult:
     result = PassResult("insert_span_sizes")
     graph = ctx.gm.graph
+    already = count_inserted(graph)
     ctx.span_lens = span_lens = span_lengths(ctx)
     ctx.visual_mask = _or_masks(graph, ctx.scatters)
     result.matched.append(f"visual tokens: span(s) of {show(span_lens)} per sample, mask {ctx.visual_mask.name}")
@@ -129,4 +130,9 @@ def run(ctx: RewriteContext) -> PassResult:
             span_lens = tuple(tuple(_num_targets(graph, n, ctx.config.ratio, memo) for n in row) for row in span_lens)
         stage.span_lens = span_lens
         result.matched.append(f"stage after layer {stage.layer}: span(s) of {show(span_lens)} tokens")
+    result.count("spans", len(ctx.span_lens[0]))  # images and videos per sample
+    result.count("samples", ctx.batch)
+    result.count("ragged", int(len(ctx.span_lens) > 1))  # 1: the samples' counts differ (a row of lengths each)
+    result.count("stages", len(ctx.stages))
+    result.count("inserted", count_inserted(graph) - already)  # sym_size / num_targets nodes, the or of two masks
     return result

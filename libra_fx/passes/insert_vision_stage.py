@@ -1,9 +1,18 @@
-"""Insert the vision-side stage (PruMerge, PruMerge+, fixed): the merge at the projector's input, the
-splice where the image features enter the language model, before decoder layer 0 (contract §6).
+"""Insert the vision-side stage (a :class:`~libra_fx.methods.vision.VisionMethod`): the merge where the
+method reads the image features, the splice where they enter the language model, before decoder layer 0
+(contract §6).
 
-The [CLS] query and the keys come from the attention of the vision tower's *last* encoder layer
-(``…vision_tower.encoder.layers.<last>``; the adapter says whether the family's tower has a [CLS]);
-the features are the projector's input (the adapter names the projector)::
+The method's :class:`~libra_fx.methods.vision.Signal` says what the merge node takes, and the family
+adapter's ``vision_tower`` where to find it (``None``: no vision-side method on the family):
+
+- ``features``: the projector's input (``[S, N, Dv]``, the tower's features) or its output (``[S, N, D]``);
+  the adapter names the projector;
+- ``attention``: the query and keys of one attention layer of the tower (``…layers.<i>``): ``"last"``,
+  its last encoder layer; ``"feature"``, the last layer the features come from. A method that needs a
+  [CLS] token is refused on a tower without one (``VisionTower.cls_token``);
+- ``cls_feature``: the [CLS] token's own feature, the row that the projector's input slices off.
+
+PruMerge (the [CLS] attention of the last layer, the projector's input)::
 
     attn_5 = scaled_dot_product_attention(queries_3, keys_3, values_3, scale=0.25)   # tower, last layer
     selected_image_feature = getitem(hidden_states, (slice(None), slice(1, None)))   # [S, N, Dv]
@@ -18,9 +27,11 @@ the features are the projector's input (the adapter names the projector)::
   + hidden = stage[0]; span_1 = stage[1]; source = stage[2]; valid_1 = stage[3]; positions = stage[4]
   + length = sym_size(hidden, 1)
 
-The stage is prepended to ``ctx.stages`` so that ``rewire_sequence`` re-indexes masks by ``source``,
-and position ids and RoPE by ``positions``, in the whole decoder; ``(source, valid, positions)``
-become side outputs, the compressed layout that decode steps need (``libra_fx.state``).
+(a features-only method's merge takes the features alone; at the projector's output it sits after the
+projector, and the nodes that read the projected features read its slots). The stage is prepended to
+``ctx.stages`` so that ``rewire_sequence`` re-indexes masks by ``source``, and position ids and RoPE by
+``positions``, in the whole decoder; ``(source, valid, positions)`` become side outputs, the compressed
+layout that decode steps need.
 """
 
 from __future__ import annotations
@@ -31,78 +42,135 @@ import torch
 import torch.fx as fx
 
 from libra_fx.errors import UnsupportedGraph
+from libra_fx.methods.registry import get_vision_method
 from libra_fx.passes.context import PassResult, RewriteContext, Stage
-from libra_fx.passes.fx_utils import LAYER_PATH, ancestors, call, module_path, value
+from libra_fx.passes.fx_utils import LAYER_PATH, ancestors, call, count_inserted, module_path, value
 from libra_fx.passes.insert_span_sizes import show
 from libra_fx.passes.matchers import find_attention
 from libra_fx.sequence.splice import visual_span_mask
 from libra_fx.sequence.vision import vision_compress, vision_merge
 
 
-def vision_last_layer(graph: fx.Graph, features: fx.Node) -> tuple[str, int, list[fx.Node]]:
-    """The encoder layers (``…layers.<i>``) that the image features come from; their last one."""
+def tower_layer(graph: fx.Graph, features: fx.Node, which: str, method: str) -> tuple[str, int, list[fx.Node]]:
+    """The encoder layers (``…layers.<i>``) that the image features come from: their tower, and the index and
+    nodes of its ``"last"`` layer, or of the last one the features come from (``"feature"``)."""
     upstream = ancestors(features)
     groups: dict[str, dict[int, list[fx.Node]]] = {}
     for node in graph.nodes:
         match = LAYER_PATH.match(module_path(node))
         if match:
             groups.setdefault(match["prefix"], {}).setdefault(int(match["index"]), []).append(node)
-    towers = [p for p, layers in groups.items() if any(n in upstream for nodes in layers.values() for n in nodes)]
+    feeding = {prefix: [i for i, nodes in layers.items() if any(n in upstream for n in nodes)]
+               for prefix, layers in groups.items()}
+    towers = [p for p, used in feeding.items() if used]
     if not towers:
         raise UnsupportedGraph(
-            "PruMerge needs the vision tower inside the compiled graph, but the image features come from outside it "
+            f"{method} needs the vision tower inside the compiled graph, but the image features come from outside it "
             "(transformers' generate() may encode images before forward: use libra_fx.compile, which keeps "
             "pixel_values flowing into forward; and compile with fullgraph=True)"
         )
     if len(towers) > 1:
         raise UnsupportedGraph(f"the image features come from several encoders {towers}; expected one vision tower")
     layers = groups[towers[0]]
-    last = max(layers)
-    return towers[0], last, layers[last]
+    index = max(layers) if which == "last" else max(feeding[towers[0]])
+    return towers[0], index, layers[index]
 
 
-def _check_site(site, images: int, per_image: int) -> None:
+def _check_site(site, images: int, tokens: int, per_image: int, method: str) -> None:
     q, k = value(site.query), value(site.key)
     if q is None or k is None or q.dim() != 4 or tuple(q.shape) != tuple(k.shape):
-        raise UnsupportedGraph("the vision tower's last attention does not take [S, H, T, d] queries and keys of one shape")
-    if q.shape[0] != images or q.shape[2] != per_image + 1:
+        raise UnsupportedGraph("the vision tower's attention does not take [S, H, T, d] queries and keys of one shape")
+    if q.shape[0] != images or q.shape[2] != tokens:
+        cls = "a [CLS] token before " if tokens > per_image else ""
         raise UnsupportedGraph(
-            f"PruMerge needs a [CLS] token before the {per_image} patches of each of the {images} images; the vision "
-            f"tower's last attention runs over {list(q.shape)} (is vision_feature_select_strategy 'default'?)"
+            f"{method} needs {cls}the {per_image} patches of each of the {images} images in the vision tower's "
+            f"attention, which runs over {list(q.shape)} (is vision_feature_select_strategy 'default'?)"
         )
     if site.mask is not None:
-        raise UnsupportedGraph("the vision tower's last attention has a mask; PruMerge expects full bidirectional attention")
+        raise UnsupportedGraph(f"the vision tower's attention has a mask; {method} expects full bidirectional "
+                               "attention")
     if site.scale is not None and abs(site.scale - q.shape[-1] ** -0.5) > 1e-6 * q.shape[-1] ** -0.5:
-        raise UnsupportedGraph(f"the vision tower's last attention scales by {site.scale}, not d^-½: its query may be "
-                               "pre-scaled, and PruMerge needs q_proj's output")
+        raise UnsupportedGraph(f"the vision tower's attention scales by {site.scale}, not d^-½: its query may be "
+                               f"pre-scaled, and {method} needs q_proj's output")
+
+
+def _projector(features: fx.Node, projector: str) -> set[fx.Node]:
+    return {n for n in ancestors(features) | {features} if projector in module_path(n).split(".")}
+
+
+def _shaped(node: fx.Node, images: int, per_image: int) -> bool:
+    v = value(node)
+    return getattr(v, "shape", None) is not None and v.dim() == 3 and tuple(v.shape[:2]) == (images, per_image)
 
 
 def projector_input(graph: fx.Graph, features: fx.Node, projector: str, images: int, per_image: int,
-                    before: list[fx.Node]) -> tuple[fx.Node, list[fx.Node]]:
+                    before: list[fx.Node], method: str) -> tuple[fx.Node, list[fx.Node]]:
     """The tower's features as the projector takes them (``[S, N, Dv]``), and the projector's nodes that
-    read them, in program order; they must come after ``before`` (the [CLS] query and keys)."""
-    inside = {n for n in ancestors(features) | {features} if projector in module_path(n).split(".")}
-    found = {a for n in inside for a in n.all_input_nodes if a not in inside
-             and getattr(value(a), "shape", None) is not None and tuple(value(a).shape[:2]) == (images, per_image)
-             and value(a).dim() == 3}
+    read them, in program order; they must come after ``before`` (e.g. the [CLS] query and keys)."""
+    inside = _projector(features, projector)
+    found = {a for n in inside for a in n.all_input_nodes if a not in inside and _shaped(a, images, per_image)}
     if len(found) != 1:
-        raise UnsupportedGraph(f"PruMerge merges the tower's features at the projector's input, but the {projector!r} "
+        raise UnsupportedGraph(f"{method} merges the tower's features at the projector's input, but the {projector!r} "
                                f"module upstream of the image features takes {len(found)} [{images}, {per_image}, D] "
                                "inputs (expected one)")
-    (node,) = found
+    return _in_order(graph, found.pop(), inside, before)
+
+
+def projector_output(graph: fx.Graph, features: fx.Node, projector: str, images: int, per_image: int,
+                     before: list[fx.Node], method: str) -> tuple[fx.Node, list[fx.Node]]:
+    """The projected features (``[S, N, D]``: the projector's node read outside it), and the nodes outside
+    the projector that read them, in program order; they must come after ``before``."""
+    inside = _projector(features, projector)
+    found = {n for n in inside if _shaped(n, images, per_image) and any(u not in inside for u in n.users)}
+    if len(found) != 1:
+        raise UnsupportedGraph(f"{method} reads the projected features at the projector's output, but the "
+                               f"{projector!r} module upstream of the image features gives {len(found)} "
+                               f"[{images}, {per_image}, D] outputs (expected one)")
+    node = found.pop()
+    return _in_order(graph, node, set(node.users) - inside, before)
+
+
+CLS_DROPPED = (slice(None), slice(1, None))  # features[:, 1:]: the projector's input without the [CLS] row
+
+
+def cls_source(features: fx.Node, images: int, per_image: int, method: str) -> fx.Node:
+    """The tower's ``[S, 1+N, Dv]`` features that the projector's input slices the [CLS] row off."""
+    source = features.args[0] if features.target is operator.getitem and features.args[1:] == (CLS_DROPPED,) else None
+    v, x = value(source) if isinstance(source, fx.Node) else None, value(features)
+    if v is None or v.dim() != 3 or tuple(v.shape) != (images, per_image + 1, x.shape[2]):
+        raise UnsupportedGraph(f"{method} reads the [CLS] token's feature, but the projector's input "
+                               f"{features.name} is not the tower's [{images}, 1 + {per_image}, D] features "
+                               "with the [CLS] row sliced off")
+    return source
+
+
+def _in_order(graph: fx.Graph, node: fx.Node, readers: set[fx.Node], before: list[fx.Node]):
     order = {n: i for i, n in enumerate(graph.nodes)}
-    readers = sorted((u for u in node.users if u in inside), key=order.get)
-    if order[readers[0]] < max(order[b] for b in before):
-        raise UnsupportedGraph("the projector reads the tower's features before the tower's last attention runs")
+    readers = sorted((u for u in node.users if u in readers), key=order.get)
+    if before and order[readers[0]] < max(order[b] for b in before):
+        raise UnsupportedGraph("the image features are read before the vision tower's attention runs")
     return node, readers
+
+
+def _check_tower(ctx: RewriteContext, method) -> None:
+    name, tower, family = method.name, ctx.family.vision_tower, ctx.family.name
+    if tower is None and method.signal.cls_token:
+        raise UnsupportedGraph(f"{name} needs a vision tower with a [CLS] token and is verified only on the "
+                               f"families whose adapter says so; {family}'s does not")
+    if tower is None:
+        raise UnsupportedGraph(f"{name} is a vision-side method, verified only on the families whose adapter "
+                               f"describes their vision tower; {family}'s does not")
+    if method.signal.cls_token and not tower.cls_token:
+        raise UnsupportedGraph(f"{name} needs a [CLS] token before each image's patches in the vision tower's "
+                               f"attention; {family}'s tower has none (its adapter's VisionTower.cls_token)")
 
 
 def run(ctx: RewriteContext) -> PassResult:
     result = PassResult("insert_vision_stage")
-    cfg, graph, method = ctx.config, ctx.gm.graph, ctx.config.spec.method
-    if ctx.family.vision_tower is None or not ctx.family.vision_tower.cls_token:
-        raise UnsupportedGraph(f"{cfg.method} needs a vision tower with a [CLS] token and is verified only on the "
-                               f"families whose adapter says so; {ctx.family.name}'s does not")
+    cfg, graph = ctx.config, ctx.gm.graph
+    method = get_vision_method(cfg.method)
+    signal = method.signal
+    _check_tower(ctx, method)
     if len(ctx.scatters) != 1:
         raise UnsupportedGraph(f"{cfg.method} compresses images; found {len(ctx.scatters)} visual-feature insertions")
     visual = ctx.scatters[0]
@@ -111,18 +179,33 @@ def run(ctx: RewriteContext) -> PassResult:
         raise UnsupportedGraph(f"{cfg.method} needs images of one static token count per graph, got spans "
                                f"{show(ctx.span_lens)}")
     per_image, spans_per_sample = flat[0], len(ctx.span_lens[0])
-    tower, last, nodes = vision_last_layer(graph, visual.args[2])
-    site = find_attention(last, nodes)
     images = ctx.batch * spans_per_sample
-    _check_site(site, images, per_image)
-    features, readers = projector_input(graph, visual.args[2], ctx.family.vision_tower.projector, images, per_image,
-                                        [site.query, site.key])
     slots = method.capacity(per_image, cfg.ratio)
+    if isinstance(slots, bool) or not isinstance(slots, int) or not 1 <= slots <= per_image:
+        raise ValueError(f"{cfg.method}.capacity({per_image}, {cfg.ratio}) must be a slot count in [1, {per_image}], "
+                         f"got {slots!r}")
+    already = count_inserted(graph)
+
+    site, signal_args = None, ()
+    if signal.attention is not None:
+        tower, index, nodes = tower_layer(graph, visual.args[2], signal.attention, cfg.method)
+        site = find_attention(index, nodes)
+        _check_site(site, images, per_image + int(ctx.family.vision_tower.cls_token), per_image, cfg.method)
+        signal_args = (site.query, site.key)
+        cls = "[CLS] " if signal.cls_token else ""
+        result.matched.append(f"vision tower {tower!r}: {cls}attention of layer {index} ({site.kind.value} "
+                              f"{site.node.name})")
+    find = projector_input if signal.features == "projector_input" else projector_output
+    features, readers = find(graph, visual.args[2], ctx.family.vision_tower.projector, images, per_image,
+                             list(signal_args), cfg.method)
     options = cfg.spec.items()
     extra = dict(record=True) if ctx.record else {}
+    source = cls_source(features, images, per_image, cfg.method) if signal.cls_feature else None
 
     with graph.inserting_before(readers[0]):
-        merge = call(graph, vision_merge, features, site.query, site.key, method=cfg.method, ratio=cfg.ratio,
+        if source is not None:
+            extra["cls"] = call(graph, operator.getitem, source, (slice(None), 0))  # [S, Dv]
+        merge = call(graph, vision_merge, features, *signal_args, method=cfg.method, ratio=cfg.ratio,
                      slots=slots, options=options, **extra)
         merged = [call(graph, operator.getitem, merge, i) for i in range(4 if ctx.record else 3)]
     for reader in readers:
@@ -138,8 +221,15 @@ def run(ctx: RewriteContext) -> PassResult:
     ctx.stages.insert(0, stage)
     ctx.side_outputs.update(source=outs[2], valid=outs[3], positions=outs[4],
                             **({"records0": merged[3]} if ctx.record else {}))
-    result.matched.append(f"vision tower {tower!r}: [CLS] attention of layer {last} ({site.kind.value} {site.node.name})")
-    result.matched.append(f"projector input {features.name}: merged into {slots} slots per image "
+    site_name = signal.features.replace("_", " ")
+    result.matched.append(f"{site_name} {features.name}: merged into {slots} slots per image "
                           f"({', '.join(f'{k}={v}' for k, v in options)})")
     result.matched.append(f"before decoder layer 0: {cfg.method} {per_image} → at most {slots} tokens per image")
+    result.count("images", images)  # per graph: samples × spans per sample
+    result.count("patches_per_image", per_image)
+    result.count("slots_per_image", slots)
+    result.count("attention_inputs", len(signal_args))  # the tower attention's query and keys, or none
+    result.count("cls_feature", int(source is not None))
+    result.count("records", int(ctx.record))
+    result.count("inserted", count_inserted(graph) - already)
     return result

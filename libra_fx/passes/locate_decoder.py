@@ -54,12 +54,15 @@ def run(ctx: RewriteContext) -> PassResult:
     ctx.num_layers = max(ctx.decoder) + 1
     ctx.config.check_layers(ctx.num_layers)
     result.matched.append(f"{ctx.num_layers} decoder layers under {prefix or '<root>'!r}")
+    result.count("layers", ctx.num_layers)
     for index in ctx.config.layers:
         out = layer_output(index, ctx.decoder[index])
         ctx.stages.append(Stage(index, ctx.decoder[index], out))
         result.matched.append(f"stage after layer {index}: its output is {out.name}")
+    result.count("stages", len(ctx.config.layers))  # decoder-side stages (a vision-side method has none)
     for node in ctx.gm.graph.nodes:
         shape = getattr(value(node), "shape", None)
         if shape is not None:
             ctx.original_shapes[node] = tuple(shape)
+    result.count("shapes", len(ctx.original_shapes))  # nodes whose shape check_shapes compares after the rewrite
     return result

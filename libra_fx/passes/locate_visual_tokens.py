@@ -55,4 +55,5 @@ def run(ctx: RewriteContext) -> PassResult:
     ctx.batch, ctx.seq_len = concrete(embeds.shape[0]), concrete(embeds.shape[1])
     result.matched.append(f"visual features enter at {', '.join(n.name for n in ctx.scatters)}: "
                           f"batch {ctx.batch}, sequence length {ctx.seq_len}")
+    result.count("scatters", len(ctx.scatters))  # one per modality (images, videos)
     return result

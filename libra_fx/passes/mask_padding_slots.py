@@ -1,7 +1,7 @@
 """Hide the padding slots of an adaptive vision-side stage from every decoder attention.
 
-PruMerge keeps a data-dependent number of patches per image in a static number of slots; the
-unused slots are padding that no token may attend to::
+An adaptive method (``VisionMethod.adaptive``: PruMerge, PruMerge+) keeps a data-dependent number of
+patches per image in a static number of slots; the unused slots are padding that no token may attend to::
 
     attn = scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=True)
   + mask_1 = mask_padding_slots(mask, valid)
@@ -30,7 +30,7 @@ def run(ctx: RewriteContext) -> PassResult:
         site = find_attention(index, ctx.decoder[index])
         if site.kind is AttentionKind.FLASH:
             raise UnsupportedGraph(f"decoder layer {index}: flash-attn takes no mask to hide the padding slots; "
-                                   "use attn_implementation='sdpa' or 'eager' with PruMerge")
+                                   f"use attn_implementation='sdpa' or 'eager' with {ctx.config.method}")
         if site.kind is AttentionKind.SDPA:
             if len(site.node.args) > 5:
                 raise UnsupportedGraph(f"decoder layer {index}: SDPA with a positional is_causal argument")
@@ -51,6 +51,8 @@ def run(ctx: RewriteContext) -> PassResult:
                     made[site.mask] = call(graph, mask_padding_slots, site.mask, valid)
             scores.replace_input_with(site.mask, made[site.mask])
     result.matched.append(f"{len(ctx.decoder)} decoder attention calls ignore the padding slots")
+    result.count("attention_calls", len(ctx.decoder))
+    result.count("masks", len(made))  # one per distinct original mask (the layers share theirs)
     if not ctx.serves_decode:
         warnings.warn(
             f"libra_fx: {ctx.config.method} under a bare torch.compile: forward outputs are exact, but decode steps on "

@@ -19,6 +19,7 @@ SIDE_OUTPUTS = "libra_fx_side_outputs"  # gm.meta key: the names of the trailing
 
 def run(ctx: RewriteContext) -> PassResult:
     result = PassResult("return_side_outputs")
+    result.count("outputs", len(ctx.side_outputs))  # graph outputs appended
     if not ctx.side_outputs:
         result.skipped.append("no side outputs")
         return result

@@ -43,15 +43,17 @@ import re
 import torch
 import torch.fx as fx
 from torch.fx.node import map_aggregate
-from torch.utils._sympy.functions import Mod, PythonMod
 
 from libra_fx.errors import UnsupportedGraph
 from libra_fx.passes.context import PassResult, RewriteContext, Stage
-from libra_fx.passes.fx_utils import INSERTED, ancestors, call, descendants, descendants_of, is_size_like, value
+from libra_fx.passes.fx_utils import (INSERTED, ancestors, call, count_inserted, descendants, descendants_of,
+                                      is_size_like, value)
+from libra_fx.runtime.compat import PAD_OPS, sympy_mod_types
 from libra_fx.sequence.gather import gather_mask, gather_tokens
 
 HIDDEN, LENGTH, MASK, SIZES, KEEP = "hidden", "length", "mask", "sizes", "keep"
-PADS = (torch.nn.functional.pad, torch._C._nn.pad)
+PADS = PAD_OPS
+MODS = sympy_mod_types()  # Mod, PythonMod: how a padding up to a multiple of a chunk is written
 PADDED = "libra_fx_padded_length"  # meta of a kept chunk padding: the node of the padded length it keeps
 WEIGHTS = re.compile(r"_(parameters|buffers)_")
 
@@ -165,7 +167,7 @@ def _pads_to_a_chunk(ctx: RewriteContext, node: fx.Node, user: fx.Node) -> bool:
     (``Mod(-T, 64)``), in a family whose scans over such chunks are not changed by padding chunks."""
     v = value(node)
     return (ctx.family.chunk_scans and user.target in PADS
-            and (PADDED in node.meta or isinstance(v, torch.SymInt) and v.node.expr.has(Mod, PythonMod)))
+            and (PADDED in node.meta or isinstance(v, torch.SymInt) and v.node.expr.has(*MODS)))
 
 
 def _keep_padded_length(ctx: RewriteContext, stage: Stage, node: fx.Node) -> fx.Node:
@@ -181,9 +183,12 @@ def _keep_padded_length(ctx: RewriteContext, stage: Stage, node: fx.Node) -> fx.
     return keep
 
 
-def _replace_literal_length(arg, seq_len: int, new_len: fx.Node):
+def _replace_literal_length(arg, seq_len: int, new_len: fx.Node, swapped: list):
     def swap(x):
-        return new_len if isinstance(x, int) and not isinstance(x, bool) and x == seq_len else x
+        if isinstance(x, int) and not isinstance(x, bool) and x == seq_len:
+            swapped.append(x)
+            return new_len
+        return x
 
     return map_aggregate(arg, swap)
 
@@ -197,11 +202,18 @@ def visual_position_readers(ctx: RewriteContext) -> set[fx.Node]:
     return descendants_of(first) - descendants_of(ctx.scatters)
 
 
-def rewire(ctx: RewriteContext, stage: Stage, first: bool, readers: set[fx.Node]) -> list[str]:
+def rewire(ctx: RewriteContext, stage: Stage, first: bool, readers: set[fx.Node],
+           result: PassResult | None = None) -> list[str]:
+    """Rewire ``stage``'s region; returns the re-indexed inputs (``"cos_2 → gather_tokens"``) and adds
+    to ``result``'s counts: the distinct inputs rewired, by kind, and the nodes whose literal ``T`` was
+    replaced."""
     own = {stage.hidden, stage.kinds, stage.source, stage.new_len, stage.hidden.args[0]}
     ctx.derived[stage.new_len] = LENGTH
     stage.region = descendants(stage.layer_output) - own
     made: dict[fx.Node, fx.Node] = {}
+    direct: dict[fx.Node, str] = {}  # inputs replaced by the stage's own nodes: its hidden states, its length
+    swapped: list = []
+    literal_nodes = 0
     literal = first and isinstance(ctx.seq_len, int)
     for node in [n for n in ctx.gm.graph.nodes if n in stage.region and n.op != "output"]:
         for arg in node.all_input_nodes:
@@ -215,18 +227,41 @@ def rewire(ctx: RewriteContext, stage: Stage, first: bool, readers: set[fx.Node]
             kind = HIDDEN if arg is stage.layer_output else classify(ctx, arg)
             if kind != KEEP:
                 node.replace_input_with(arg, _replacement(ctx, stage, arg, kind, made, node))
+                if kind in (HIDDEN, LENGTH):
+                    direct[arg] = kind
         if literal and not node.meta.get(INSERTED):
-            node.args = _replace_literal_length(node.args, ctx.seq_len, stage.new_len)
-            node.kwargs = _replace_literal_length(node.kwargs, ctx.seq_len, stage.new_len)
+            before = len(swapped)
+            node.args = _replace_literal_length(node.args, ctx.seq_len, stage.new_len, swapped)
+            node.kwargs = _replace_literal_length(node.kwargs, ctx.seq_len, stage.new_len, swapped)
+            literal_nodes += len(swapped) > before
+    if result is not None:
+        for kind in direct.values():
+            result.count(f"rewired_{kind}")
+        for dst in made.values():
+            result.count(_made_key(ctx.derived[dst], dst))
+        result.count("literal_lengths", literal_nodes)
     return [f"{src.name} → {dst.name}" for src, dst in made.items()]
+
+
+def _made_key(kind, made: fx.Node) -> str:
+    """The count a re-indexed input adds to: ``rewired_mask``, ``rewired_per_token``, ``rewired_sizes``
+    (computed again from ``T'``), or ``kept_padded`` (a chunk padding that keeps the padded length)."""
+    if PADDED in made.meta:
+        return "kept_padded"
+    return "rewired_per_token" if isinstance(kind, tuple) else f"rewired_{kind}"
 
 
 def run(ctx: RewriteContext) -> PassResult:
     result = PassResult("rewire_sequence")
+    already = count_inserted(ctx.gm.graph)
     readers = visual_position_readers(ctx)
+    result.count("stages", len(ctx.stages))
+    result.count("later_nodes", 0)
     for i, stage in enumerate(ctx.stages):
-        gathered = rewire(ctx, stage, i == 0, readers)
+        gathered = rewire(ctx, stage, i == 0, readers, result)
         result.matched.append(
             f"layer {stage.layer}: {len(stage.region)} later nodes; re-indexed: {', '.join(gathered) or 'none'}"
         )
+        result.count("later_nodes", len(stage.region))  # summed over stages (a later region lies inside an earlier)
+    result.count("inserted", count_inserted(ctx.gm.graph) - already)
     return result

@@ -105,7 +105,8 @@ def report(shape: DecoderShape, method: str = "libra", ratio: float = 0.5, layer
     total = sum(layer_flops(n, d, m) for n in counts)
     if is_vision_method(method):
         n = shape.visual_tokens
-        how = ("measured" if kept is not None else "fixed ratio") if method == "prumerge_fixed" or kept is not None \
+        fixed = not get_method(method).adaptive
+        how = ("measured" if kept is not None else "fixed ratio") if fixed or kept is not None \
             else f"typical: {get_method(method).typical_kept:.1%} of the patches, pass kept= / --kept for a measured image"
         schedule = (f"{method}, {n} → {counts[0]} visual tokens before layer 0 ({how}); libra-fx's graph holds "
                     f"{get_method(method).capacity(n, ratio)} slots per image (padding masked)")

@@ -18,6 +18,7 @@ import torch
 
 import libra_fx
 from libra_fx.methods.compressors import COMPENSATION, PRUNED
+from libra_fx.runtime.compat import with_own_code
 
 WHITE = (255, 255, 255)
 GAP = 6  # white pixels between panels
@@ -31,13 +32,14 @@ class TokenMap:
 
 
 def token_map(model, inputs, method="libra", ratio=0.5, layers=(1,), tau=None, eta=None) -> TokenMap:
-    """Run ``model`` once through the backend (FX graph run eagerly) and trace the patches' fate."""
-    torch._dynamo.reset()
+    """Run ``model`` once through the backend (FX graph run eagerly) and trace the patches' fate.
+
+    The forward is compiled on its own copy of the forward's code, so Dynamo's caches of other compiled
+    models (the user's own ``torch.compile`` of this model among them) are left as they are."""
     be = libra_fx.backend(ratio, layers, method, tau, eta, strict=True, compiler="eager", record=True)
     with torch.no_grad():
-        torch.compile(model.forward, backend=be, fullgraph=True)(**inputs)
-    torch._dynamo.reset()
-    stages = [r for name, records in be.state.side_outputs.items() if name.startswith("records") for r in records]
+        torch.compile(with_own_code(model.forward), backend=be, fullgraph=True)(**inputs)
+    stages = [r for name, records in be.side_outputs.items() if name.startswith("records") for r in records]
     vision = model.config.vision_config
     grid = vision.image_size // vision.patch_size
     current = torch.arange(grid * grid)  # each patch's rank in the current span (or a label < 0)

@@ -23,6 +23,7 @@ import warnings
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from torch._logging import trace_structured
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
@@ -148,22 +149,20 @@ def maybe_mark_dynamic(tensor: torch.Tensor, dim: int) -> None:
     torch._dynamo.maybe_mark_dynamic(tensor, dim)
 
 
-@contextlib.contextmanager
-def compile_settings(recompile_limit: int, dynamic_values: str | None = None):
-    """Dynamo's settings for one compiled call, restored after it:
+def compile_settings(recompile_limit: int):
+    """Dynamo's settings for one compiled call, restored after it: ``capture_scalar_outputs`` (a
+    data-dependent count, as in transformers' feature-count checks, stays in the graph instead of
+    breaking it) and at least ``recompile_limit`` compiled versions per code object."""
+    return torch._dynamo.config.patch(capture_scalar_outputs=True,
+                                      recompile_limit=max(torch._dynamo.config.recompile_limit, recompile_limit))
 
-    - ``capture_scalar_outputs``: a data-dependent count (transformers' feature-count checks) stays in
-      the graph instead of breaking it;
-    - ``recompile_limit``: at least ``recompile_limit`` compiled versions per code object;
-    - ``dynamic_values``: every int and tensor dimension equal to it is traced symbolic
-      (``torch.compiler.config``)."""
-    with torch._dynamo.config.patch(capture_scalar_outputs=True,
-                                    recompile_limit=max(torch._dynamo.config.recompile_limit, recompile_limit)):
-        if dynamic_values is None:
-            yield
-        else:
-            with torch.compiler.config.patch(dynamic_values=dynamic_values):
-                yield
+
+def dynamic_values(value: str | None):
+    """Every int and tensor dimension equal to ``value`` is traced symbolic while the block runs
+    (``torch.compiler.config.dynamic_values``; nothing when ``None``)."""
+    if value is None:
+        return contextlib.nullcontext()
+    return torch.compiler.config.patch(dynamic_values=value)
 
 
 def is_failed_runtime_assertion(error: BaseException) -> bool:
@@ -204,6 +203,17 @@ def with_own_code(method):
     return types.MethodType(copy, method.__self__) if hasattr(method, "__self__") else copy
 
 
+def wrapped_backends(callback):
+    """Dynamo's callback and the backends inside its convert-frame wrappers (``_torchdynamo_orig_backend``,
+    ``compiler_fn``), outermost first."""
+    fn = callback
+    for _ in range(8):
+        if fn is None:
+            return
+        yield fn
+        fn = getattr(fn, "_torchdynamo_orig_backend", None) or getattr(fn, "compiler_fn", None)
+
+
 # --------------------------------------------------------------------------------------------------
 # The backend's side of Dynamo: tracing context, Inductor, the calling convention, structured logs
 # --------------------------------------------------------------------------------------------------
@@ -217,6 +227,19 @@ def current_tracing_context():
 def tracing(context):
     """Make ``context`` current again (a graph rewritten and compiled after Dynamo handed it over)."""
     return torch._guards.tracing(context)
+
+
+def tracing_context(fake_mode):
+    """A new tracing context around ``fake_mode`` (a graph compiled outside Dynamo: benchmarks)."""
+    return torch._guards.TracingContext(fake_mode)
+
+
+def fake_mode_with_shape_env():
+    """A fake-tensor mode with its own shape environment."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    return FakeTensorMode(shape_env=ShapeEnv())
 
 
 def inductor(gm: fx.GraphModule, example_inputs):
@@ -233,8 +256,6 @@ def boxed_call(compiled_fn) -> bool:
 
 def log_artifact(name: str, payload_fn) -> None:
     """A string artifact in ``TORCH_TRACE`` structured logs (tlparse shows it)."""
-    from torch._logging import trace_structured
-
     trace_structured("artifact", metadata_fn=lambda: {"name": name, "encoding": "string"}, payload_fn=payload_fn)
 
 

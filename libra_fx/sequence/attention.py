@@ -17,18 +17,17 @@ Where the first full-attention layer comes after a stage (Llama4's follow chunke
 transformers builds the full-attention mask from that layer's shorter cache instead: its columns are
 that cache's entries, left padding still in front, and the same rule applies.
 
-``libra|sdpa`` (and ``libra|eager``, ``libra|flash_attention_2``, …) wrap the model's own function and
-fit the mask so; everything else is unchanged. They are registered with transformers'
-``AttentionInterface`` / ``AttentionMaskInterface`` (public extension points, no patching).
+``libra|sdpa`` (and ``libra|eager|<modeling module>``, ``libra|flash_attention_2``, …) wrap the model's own
+function and fit the mask so; everything else is unchanged. They are registered with transformers'
+``AttentionInterface`` / ``AttentionMaskInterface`` (:func:`libra_fx.runtime.compat.register_attention`),
+one name per wrapped function.
 """
 
 from __future__ import annotations
 
-import sys
-
 import torch
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface
+
+from libra_fx.runtime.compat import attention_function, attn_implementation, is_registered_attention, register_attention
 
 PREFIX = "libra|"
 
@@ -65,24 +64,29 @@ def _wrap(forward):
     return attention
 
 
-def _model_eager_attention(model) -> object:
-    for module in model.modules():
+def _decoder_attention(model) -> torch.nn.Module:
+    for module in model.get_decoder().modules():
         if module.__class__.__name__.endswith("Attention") and hasattr(module, "layer_idx"):
-            fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
-            if fn is not None:
-                return fn
-    raise ValueError(f"{type(model).__name__}: no decoder attention with an eager_attention_forward found")
+            return module
+    raise ValueError(f"{type(model).__name__}: no decoder attention module (with a layer_idx) found")
 
 
 def use_libra_attention(model) -> str:
-    """Switch ``model`` to the ``libra|<its implementation>`` attention; returns the new name."""
-    nested = hasattr(model.config, "text_config")  # a VLM: only its language model switches
-    base = (model.config.text_config if nested else model.config)._attn_implementation
-    if base.startswith(PREFIX):
-        return base
-    name = PREFIX + base
-    forward = _model_eager_attention(model) if base == "eager" else AttentionInterface._global_mapping[base]
-    AttentionInterface.register(name, _wrap(forward))
-    AttentionMaskInterface.register(name, AttentionMaskInterface._global_mapping[base])
+    """Switch ``model``'s language model to a ``libra|…`` attention that wraps the function its own
+    attention modules call; returns the implementation it wraps (``"sdpa"``, ``"eager"``, …).
+
+    transformers' attention registry is process-wide, so each wrapped *function* has its own name:
+    ``libra|sdpa`` wraps the shared SDPA function, ``libra|eager|<modeling module>`` the eager function of
+    that modeling file (Gemma's soft-caps its scores, Llama's does not). Two models of two families in
+    one process then never call each other's function."""
+    text_config = model.config.get_text_config()
+    current = attn_implementation(text_config)
+    if current.startswith(PREFIX):
+        return current.removeprefix(PREFIX).split("|")[0]
+    forward = attention_function(_decoder_attention(model), current)
+    name = PREFIX + current + (f"|{forward.__module__}" if current == "eager" else "")
+    if not is_registered_attention(name):
+        register_attention(name, _wrap(forward), mask_like=current)
+    nested = text_config is not model.config  # a VLM: only its language model switches
     model.set_attn_implementation({"text_config": name} if nested else name)
-    return name
+    return current

@@ -25,6 +25,7 @@ import torch
 
 from libra_fx.methods.registry import get_method
 from libra_fx.methods.selectors import gather_rows, num_targets
+from libra_fx.runtime.compat import assert_async
 
 
 TEXT, VISUAL, COMPENSATION = 0, 1, 2
@@ -101,7 +102,7 @@ def compress_visual_tokens(
         after = (index[:, -1:] if last_comp is None else last_comp)[:, :c]  # the last carried compensation token
         groups.append(dict(units=[i for i, _, _ in units], nt=nt, merged=replaced[:, :nt], comps=replaced[:, nt:],
                            at_target=index.gather(1, targets), after=after))
-    torch._assert_async(
+    assert_async(
         check.all(),
         "libra_fx: a sample does not hold the visual tokens the graph was compiled for "
         f"(spans of {rows[0] if shared else rows} tokens)",

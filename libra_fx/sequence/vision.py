@@ -1,27 +1,28 @@
-"""Sequence plumbing of the vision-side methods (PruMerge, PruMerge+, fixed): called from the graph
-nodes that ``libra_fx/passes/insert_vision_stage.py`` and ``mask_padding_slots.py`` insert.
+"""Sequence plumbing of the vision-side methods (:class:`~libra_fx.methods.vision.VisionMethod`): called
+from the graph nodes that ``libra_fx/passes/insert_vision_stage.py`` and ``mask_padding_slots.py`` insert.
 
-Two nodes (contract §6). :func:`vision_merge` sits at the projector's input: it turns each image's
-``N`` tower features into ``C`` *slots* (``C`` = the method's static capacity, ``≤ N``): the merged
-kept patches in the option's order, the extra token, then padding; they are written to the first
-``C`` rows, so the projector and the ``masked_scatter`` run unchanged. :func:`vision_compress` sits
-where the projected features enter the language model (before decoder layer 0) and cuts each span
-down to its slots::
+Two nodes (contract §6). :func:`vision_merge` sits where the method reads the image features (its
+signal: the projector's input or output): it turns each image's ``N`` features into ``C`` *slots*
+(``C`` = the method's static capacity, ``≤ N``), e.g. PruMerge's merged kept patches in the option's
+order, the extra token, then padding; they are written to the first ``C`` rows, so the projector and
+the ``masked_scatter`` run unchanged. :func:`vision_compress` sits where the projected features enter
+the language model (before decoder layer 0) and cuts each span down to its slots::
 
-    x [S,N,Dv] (tower), CLS query/keys of its last layer  → x' [S,N,Dv] (slots first), ranks [S,C], valid [S,C]
+    x [S,N,Dv] (the method's features), its signal (e.g. the CLS query and keys)
+        → x' [S,N,Dv] (slots first), ranks [S,C], valid [S,C]
     embeds [B,T,D] (projected x' scattered in), span [B,T], ranks, valid
         → embeds' [B,T',D], span' [B,T'], source [B,T'], valid [B,T'], positions [B,T']     T' = T − k·N + k·C
 
 ``source`` is the input index whose mask row and column each token takes: itself for text, the
 ``c``-th token of its span for slot ``c`` (so the mask stays causal in the compressed order).
 ``positions`` is the input index whose position id and RoPE it takes: the same for text, and with
-``positions="original"`` the kept patch's own (the span's last for the extra token and padding);
-with ``"repacked"`` the token's rank among the non-padding tokens, so the compressed sequence is
-numbered afresh. ``valid`` is ``False`` on padding slots only.
+``positions="original"`` the kept patch's own (the span's last for a slot of no patch: an extra token,
+padding); with ``"repacked"`` the token's rank among the non-padding tokens, so the compressed
+sequence is numbered afresh. ``valid`` is ``False`` on padding slots only.
 
 Generation: decode steps attend to the prefill's KV cache, which holds the padding slots, but
 transformers builds decode masks from the *uncompressed* 2-D ``attention_mask``. The compiled
-prefill therefore also returns ``(source, valid, positions)``, from which :mod:`libra_fx.state`
+prefill therefore also returns ``(source, valid, positions)``, from which the runtime around the graph
 builds every later step's mask and position ids (:func:`libra_fx.sequence.decode.compressed_prompt_kwargs`).
 """
 
@@ -29,46 +30,52 @@ from __future__ import annotations
 
 import torch
 
-from libra_fx.methods import prumerge
-from libra_fx.methods.registry import get_method
+from libra_fx.methods.registry import get_vision_method
 from libra_fx.methods.selectors import gather_rows
+from libra_fx.methods.vision import VisionInputs
+from libra_fx.runtime import compat
 from libra_fx.sequence.splice import first_of, splice
 
 
 def vision_merge(
     features: torch.Tensor,
-    query: torch.Tensor,
-    key: torch.Tensor,
+    query: torch.Tensor | None = None,
+    key: torch.Tensor | None = None,
     *,
+    cls: torch.Tensor | None = None,
     method: str,
     ratio: float,
     slots: int,
     options: tuple = (),
-    neighbours: int = prumerge.NEIGHBOURS,
     record: bool = False,
 ) -> tuple[torch.Tensor, ...]:
-    """The merge at the projector's input → ``(x', ranks, valid)`` (see the module docstring).
+    """The method's slots, written over its features → ``(x', ranks, valid)`` (see the module docstring).
 
-    ``features``: ``[S, N, Dv]``, the tower's features of ``S`` images; ``query``/``key``:
-    ``[S, H, 1+N, d]``, the attention inputs of its last layer. ``options``: the method's as
-    ``((name, value), …)``. ``record=True`` (eager runs only) adds a fourth output: the kept patches
-    and each patch's label (kept-token maps).
+    ``features``: ``[S, N, D]``, the features of ``S`` images where the method reads them;
+    ``query``/``key``: ``[S, H, T, d]``, the attention inputs of the tower layer its signal names
+    (``None`` for a features-only method); ``cls``: ``[S, D]``, the [CLS] token's feature, for a method whose
+    signal asks for it. ``options``: the method's as ``((name, value), …)``.
+    ``record=True`` (eager runs only) adds a fourth output: the kept patches and each patch's label
+    (kept-token maps).
     """
-    m = get_method(method)
+    m = get_vision_method(method)
     opts = m.options(**dict(options))
     n = features.shape[1]
-    a = prumerge.cls_importance(query, key)
-    keys = prumerge.patch_keys(key)
-    kept = m.select(a, ratio)
-    sampled = m.samples(kept)
-    ranks, is_kept, valid = prumerge.kept_slots(kept, sampled, a, slots, opts.order)
-    merged = prumerge.merged_slots(features, keys, a, kept | sampled, ranks, is_kept, valid, neighbours)
+    inputs = VisionInputs(features, query, key, cls)
+    out = m.slots(inputs, ratio, slots, opts)
+    if out.features.shape != (features.shape[0], slots, features.shape[2]) or out.ranks.shape != out.valid.shape \
+            or out.ranks.shape != (features.shape[0], slots):
+        raise ValueError(f"{method}: slots must be [S, {slots}, D] with ranks and valid [S, {slots}], got "
+                         f"{list(out.features.shape)}, {list(out.ranks.shape)}, {list(out.valid.shape)}")
+    if not m.adaptive:
+        compat.assert_async(out.valid.all(), f"libra_fx: {method} is not adaptive but left a padding slot")
+    merged = out.features
     padded = torch.cat([merged, merged.new_zeros(merged.shape[0], n - slots, merged.shape[2])], 1).to(features.dtype)
     if not record:
-        return padded, ranks, valid
-    kept_map = dict(targets=[r[v] for r, v in zip(ranks, is_kept)], kept=is_kept.sum(-1),
-                    labels=prumerge.merge_labels(keys, ranks, is_kept, neighbours))
-    return padded, ranks, valid, [kept_map]
+        return padded, out.ranks, out.valid
+    kept_map = dict(targets=[r[v] for r, v in zip(out.ranks, out.kept)], kept=out.kept.sum(-1),
+                    labels=m.labels(inputs, out, opts))
+    return padded, out.ranks, out.valid, [kept_map]
 
 
 def vision_compress(
@@ -92,7 +99,7 @@ def vision_compress(
     k, n = spans_per_sample, span_len
     where = first_of(span)[:, : k * n]  # [B, k·N]
     spans = where.reshape(b * k, n)
-    torch._assert_async(
+    compat.assert_async(
         (span.sum(-1) == k * n).all() & (spans[:, -1] - spans[:, 0] == n - 1).all(),
         "libra_fx: a sample does not hold the visual-token spans the graph was compiled for "
         f"({k} contiguous span(s) of {n} tokens)",

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
+from libra_fx.runtime import compat
 from libra_fx.shapes_task.data import (BOS_TOKEN_ID, IMAGE_SIZE, IMAGE_TOKEN_ID, PAD_TOKEN_ID, PATCH_SIZE, QTYPES,
                                        VOCAB_SIZE, heldout, make_batch, model_inputs, render)
 
@@ -99,7 +100,7 @@ def drop_visual_after(model, layer: int):
                 return None
             causal = torch.ones(t, t, dtype=torch.bool, device=hidden.device).tril()
             allow = causal[None] & ~(visual[:, None, :] & ~visual[:, :, None])  # text rows never see visual keys
-            if model.config.text_config._attn_implementation == "eager":
+            if compat.attn_implementation(model.config.text_config) == "eager":
                 mask = torch.zeros(allow.shape, dtype=hidden.dtype, device=hidden.device)
                 mask = mask.masked_fill(~allow, torch.finfo(hidden.dtype).min)[:, None]
             else:

@@ -110,18 +110,18 @@ def next_ragged_graph():
 
 @pytest.fixture(scope="session")
 def lfm2_graphs():
-    import contextlib
-
-    from libra_fx.api import symbolic_length
     from libra_fx.conformance.check import tiny_model
     from libra_fx.conformance.inputs import example_inputs
     from libra_fx.families import LFM2_VL
+    from libra_fx.runtime.compat import dynamic_values
+    from libra_fx.runtime.dynamic_shapes import symbolic_length
 
     model = tiny_model(LFM2_VL)
     graphs = {}
     for kind in ("static", "symbolic"):
         inputs = example_inputs(model, LFM2_VL, 2, pad=(0, 3))  # fresh tensors: the marks stay on them
-        with symbolic_length((), inputs) if kind == "symbolic" else contextlib.nullcontext():
+        length = symbolic_length((), inputs, LFM2_VL.token_inputs) if kind == "symbolic" else None
+        with dynamic_values(length):
             graphs[kind] = capture_graph(model, inputs, fullgraph=False)
     return graphs
 

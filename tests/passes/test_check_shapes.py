@@ -22,9 +22,8 @@ def test_correct_rewrite_passes(llava_graph):
     first, second = (fx_utils.value(s.new_len) for s in ctx.stages)
     assert first == SEQ - 36 + 18 + 1  # 18 targets and one compensation token per span
     assert second == first - (18 + 1) + 9 + 2  # the first compensation token is carried
-    (line,) = result.matched
-    assert line.endswith(f"later shapes consistent; lengths after stages: layer 1: {first}, layer 2: {second}")
-    assert int(line.split()[0]) > 100
+    assert result.counts["stages"] == 2 and result.counts["checked"] > 100
+    assert result.counts["propagated"] >= result.counts["checked"]  # the stages' regions and the inserted nodes
     for stage in ctx.stages:  # the fake values now carry the new length
         assert tuple(fx_utils.value(stage.hidden).shape) == (2, fx_utils.value(stage.new_len), 64)
     (logits,) = [n for n in output_values(ctx.gm) if ctx.original_shapes.get(n) == (2, SEQ, 128)]
@@ -40,14 +39,13 @@ def test_correct_rewrite_passes(llava_graph):
 ], ids=["qwen2_vl", "qwen2_vl_symbolic", "llava_next_ragged", "llava_eager", "llava_two_images"])
 def test_other_rewrites_pass(request, graph, config):
     ctx, result = checked(request.getfixturevalue(graph), **config)
-    (line,) = result.matched
-    assert "later shapes consistent" in line and int(line.split()[0]) > 50
+    assert result.counts["checked"] > 50
 
 
 def test_vision_stage_passes(llava_graph):
     ctx, result = checked(llava_graph, method="prumerge", serves_decode=True)
     assert fx_utils.value(ctx.stages[0].new_len) == SEQ - 36 + 10  # 9 IQR slots + the extra token
-    assert "lengths after stages: layer -1: 25" in result.matched[0]
+    assert result.counts["stages"] == 1 and result.counts["checked"] > 100
 
 
 def test_the_captured_graph_keeps_its_fake_values(llava_graph):

@@ -22,11 +22,7 @@ def test_static_spans_of_36(llava_graph):
     assert [s.span_lens for s in ctx.stages] == [((36,),), ((18,),)]
     assert ctx.visual_mask is ctx.scatters[0].args[1]  # one modality: the scatter's own mask
     assert snapshot(ctx.gm) == before  # static sizes: nothing inserted
-    assert result.matched == [
-        f"visual tokens: span(s) of 36 per sample, mask {ctx.visual_mask.name}",
-        "stage after layer 1: span(s) of 36 tokens",
-        "stage after layer 2: span(s) of 18 tokens",
-    ]
+    assert result.counts == {"spans": 1, "samples": 2, "ragged": 0, "stages": 2, "inserted": 0}
 
 
 def test_three_stages_follow_num_targets(llava_graph):
@@ -39,7 +35,7 @@ def test_two_images_per_prompt_two_spans(llava_two_images):
     ctx, result, before = spans(llava_two_images, layers=(1, 2))
     assert ctx.span_lens == ((36, 36),)
     assert [s.span_lens for s in ctx.stages] == [((36, 36),), ((18, 18),)]
-    assert "span(s) of 36, 36 per sample" in result.matched[0]
+    assert result.counts == {"spans": 2, "samples": 2, "ragged": 0, "stages": 2, "inserted": 0}
     assert snapshot(ctx.gm) == before
 
 
@@ -61,7 +57,7 @@ def test_symbolic_image_size(qwen_dynamic_graph):
     assert target.target is num_targets and target.args == (size, 0.5) and target.meta[fx_utils.INSERTED]
     assert str(target.meta["val"]) == str(num_targets(size.meta["val"], 0.5))
     assert set(counts) <= {SYM_SIZE, num_targets}
-    assert f"span(s) of {size.meta['val']} per sample" in result.matched[0]
+    assert result.counts == {"spans": 1, "samples": 1, "ragged": 0, "stages": 2, "inserted": 2}  # sym_size, num_targets
     positions = {n: i for i, n in enumerate(ctx.gm.graph.nodes)}
     assert positions[piece] < positions[size] < positions[target]  # defined after what they read
 
@@ -70,7 +66,7 @@ def test_ragged_batch_one_row_per_sample(next_ragged_graph):
     ctx, result, before = spans(next_ragged_graph, layers=(1, 2), serves_decode=True)
     assert ctx.span_lens == ((72,), (36,))
     assert [s.span_lens for s in ctx.stages] == [((72,), (36,)), ((36,), (18,))]
-    assert "span(s) of 72 | 36 per sample" in result.matched[0]
+    assert result.counts == {"spans": 1, "samples": 2, "ragged": 1, "stages": 2, "inserted": 0}
     assert inserted(ctx.gm) == [] and snapshot(ctx.gm) == before
 
 
@@ -90,7 +86,7 @@ def test_recompiled_batch_gets_one_symbol_per_image(qwen_graphs):
     assert a.target is b.target is SYM_SIZE and a is not b
     assert str(a.meta["val"]) != str(b.meta["val"])
     assert inserted_counts(ctx.gm)[SYM_SIZE] == 2
-    assert " | " in result.matched[0]
+    assert result.counts["ragged"] == 1 and result.counts["inserted"] == 2
     bare = make_ctx(qwen_graphs[1], layers=(1,))
     run_until(bare, "insert_span_sizes")
     with pytest.raises(UnsupportedGraph, match="different visual-token counts"):

@@ -33,29 +33,30 @@ def test_llava_layers_and_stage_outputs(llava_graph):
         assert outside and all(f"layers.{stage.layer + 1}" in fx_utils.module_path(u) for u in outside)
         assert stage.importance is None and stage.hidden is None  # filled in by later passes
     assert ctx.stages[0].layer_output is not ctx.stages[1].layer_output
-    assert result.matched[0] == "4 decoder layers under 'model.language_model'"
-    assert result.matched[1:] == [f"stage after layer {s.layer}: its output is {s.layer_output.name}"
-                                  for s in ctx.stages]
+    assert result.counts == {"layers": 4, "stages": 2, "shapes": len(ctx.original_shapes)}
 
 
 def test_original_shapes_recorded(llava_graph):
-    ctx, _ = located(llava_graph)
+    ctx, result = located(llava_graph)
     assert ctx.original_shapes[ctx.stages[0].layer_output] == (2, 51, 64)
     assert ctx.original_shapes[ctx.scatters[0]] == (2, 51, 64)
     with_shapes = [n for n in ctx.gm.graph.nodes if hasattr(fx_utils.value(n), "shape")]
     assert set(ctx.original_shapes) == set(with_shapes)
+    assert result.counts["shapes"] == len(with_shapes)
 
 
 def test_qwen_prefix(qwen_graph):
     ctx, result = located(qwen_graph, layers=(2,))
     assert ctx.num_layers == 4 and [s.layer for s in ctx.stages] == [2]
-    assert result.matched[0] == "4 decoder layers under 'model.language_model'"
+    assert result.counts["layers"] == 4 and result.counts["stages"] == 1
+    assert all(fx_utils.module_path(n).startswith(f"model.language_model.layers.{i}")
+               for i, nodes in ctx.decoder.items() for n in nodes)
 
 
 def test_vision_side_method_has_no_decoder_stage(llava_graph):
     ctx, result = located(llava_graph, method="prumerge", layers=(1, 2))
     assert ctx.config.layers == () and ctx.stages == []
-    assert ctx.num_layers == 4 and len(result.matched) == 1
+    assert ctx.num_layers == 4 and result.counts["layers"] == 4 and result.counts["stages"] == 0
 
 
 def test_no_decoder_layer_after_the_visual_tokens():

@@ -1,4 +1,4 @@
-"""mask_padding_slots (adaptive vision-side methods): every decoder attention gets a
+"""mask_padding_slots (adaptive vision-side methods, ``VisionMethod.adaptive``): every decoder attention gets a
 ``mask_padding_slots(mask, valid)`` mask; SDPA also ``is_causal=False``. The vision tower is untouched."""
 
 import warnings
@@ -39,6 +39,7 @@ def test_every_decoder_sdpa_masked(llava_graph):
         assert node.kwargs["is_causal"] is False
         assert node.args == before[node][0]  # q, k, v unchanged
     assert result.matched == ["4 decoder attention calls ignore the padding slots"]
+    assert result.counts == dict(attention_calls=4, masks=1)
 
 
 def test_causal_sdpa_without_mask_gets_one(llava_two_images):

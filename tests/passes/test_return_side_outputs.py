@@ -18,7 +18,7 @@ def test_vision_stage_returns_source_valid_and_positions(llava_graph):
     assert new[:len(old)] == old
     assert new[len(old):] == tuple(ctx.side_outputs[n] for n in ("source", "valid", "positions"))
     assert ctx.gm.meta[SIDE_OUTPUTS] == ("source", "valid", "positions")
-    assert result.matched == ["returned: source, valid, positions"] and not result.skipped
+    assert result.counts == {"outputs": 3} and not result.skipped
     ctx.gm.graph.lint()
 
 
@@ -26,13 +26,14 @@ def test_ragged_batch_returns_empty_slots(next_ragged_graph):
     ctx, result, old = returned(next_ragged_graph, serves_decode=True)
     assert output_values(ctx.gm) == old + (ctx.side_outputs["empty_slots"],)
     assert ctx.gm.meta[SIDE_OUTPUTS] == ("empty_slots",)
+    assert result.counts == {"outputs": 1}
 
 
 def test_records_in_stage_order(llava_graph):
     ctx, result, old = returned(llava_graph, record=True)
     assert ctx.gm.meta[SIDE_OUTPUTS] == ("records0", "records1")
     assert output_values(ctx.gm)[len(old):] == (ctx.side_outputs["records0"], ctx.side_outputs["records1"])
-    assert result.matched == ["returned: records0, records1"]
+    assert result.counts == {"outputs": 2}
 
 
 def test_skipped_without_side_outputs(llava_graph):
@@ -40,7 +41,7 @@ def test_skipped_without_side_outputs(llava_graph):
     run_until(ctx, "return_side_outputs")
     before = snapshot(ctx.gm)
     result = return_side_outputs.run(ctx)
-    assert result.skipped == ["no side outputs"] and not result.matched
+    assert result.counts == {"outputs": 0} and result.skipped and not result.matched
     assert snapshot(ctx.gm) == before
     assert SIDE_OUTPUTS not in ctx.gm.meta
     assert SIDE_OUTPUTS not in llava_graph.meta  # and the captured graph's meta was never touched
