@@ -1,6 +1,6 @@
 """Inspect what the passes did: a graph diff (text and HTML) and kept-token maps (PNG).
 
-Writes into ``docs/`` (the README shows these files)::
+Writes into ``docs/`` (docs/api.md shows these files)::
 
     python examples/inspect_compression.py
 """

@@ -1,4 +1,4 @@
-"""The generation-mode matrix (README): every way ``generate()`` drives the model, on a compressed
+"""The generation-mode matrix (docs/methods.md): every way ``generate()`` drives the model, on a compressed
 prefill, against the plain model (identity setting, bit for bit) and against the hook oracle.
 
 - **identity:** ``fastv`` at a ratio that removes no token equals the plain model bit for bit, in

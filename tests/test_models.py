@@ -28,7 +28,7 @@ B2_PADDED = dict(batch=2, pad=(0, 2))
 ONE, TWO = (1,), (0, 2)
 # Prompt lengths: Qwen image 29 (B1 and B2) / 31 (padded), Qwen video 45 / 47, LLaVA-NeXT 84 / 86.
 # In every case below no length, before or after a stage, equals a model dimension (16, 32, 64, 128):
-# with static shapes such a length is ambiguous and the backend refuses the rewrite (README). E.g.
+# with static shapes such a length is ambiguous and the backend refuses the rewrite (docs/api.md). E.g.
 # the padded video with libra after layer 1 would compress 47 -> 32: not used.
 
 
@@ -228,7 +228,7 @@ def test_qwen_plain_forward_through_libra_fx_compile_matches_oracle(family):
 @pytest.mark.parametrize("method", ["libra"])  # fastv: the next test
 def test_llava_next_ragged_batch_generates_as_each_sample_alone(method):
     """Images of different sizes in one batch (72 and 36 visual tokens): each sample is compressed by
-    its own counts; the shorter one gets empty slots (README), and its tokens and logits are those of
+    its own counts; the shorter one gets empty slots (contract §1), and its tokens and logits are those of
     the oracle run on that sample alone."""
     cfg = dict(method=method, ratio=0.5, layers=TWO)
     model = build("llava_next")

@@ -3,7 +3,7 @@
 ::
 
     libra-fx families                 # verify every adapted family, check every refusal (18 min on 2 cores)
-    libra-fx families --markdown      # the README's table
+    libra-fx families --markdown      # the table of docs/models.md
     libra-fx families --only glm4v    # one family, with each check
 
 A row is **verified** (an adapter, and every check of :func:`~libra_fx.conformance.check.verify`

@@ -13,7 +13,7 @@ keeps a data-dependent number of patches, which the graph holds in a fixed numbe
     x [S, N, D], keys, a       → slots = merged_slots(x, patch_keys(key), a, kept, ranks, is_kept, valid)  [S, C, D]
 
 The methods themselves (their signal, capacity and slots, as :class:`~libra_fx.methods.vision.VisionMethod`
-implementations) are :mod:`libra_fx.methods.vision.prumerge`. See the README section "PruMerge and
+implementations) are :mod:`libra_fx.methods.vision.prumerge`. See docs/methods.md, "PruMerge and
 PruMerge+ (vision-side methods)".
 """
 
