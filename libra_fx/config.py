@@ -9,7 +9,8 @@ from libra_fx.methods.registry import MethodSpec, is_vision_method, method as me
 
 @dataclass(frozen=True)
 class CompressionConfig:
-    """``ratio``: fraction of each stage's visual tokens removed, ``0 ≤ ratio < 1``.
+    """``ratio``: fraction of each stage's visual tokens removed, ``0 ≤ ratio < 1``; or one ratio per stage
+    layer, a tuple as long as ``layers``, each in ``(0, 1)`` (``ratio=(0.5, 0.25)`` with ``layers=(7, 15)``).
     ``layers``: 0-indexed decoder layers after which a stage compresses (ascending, distinct).
     ``spec``: the method and its options (:func:`libra_fx.method`).
 
@@ -18,13 +19,21 @@ class CompressionConfig:
     ``ratio`` (the fraction of patches removed, like the decoder-side methods).
     """
 
-    ratio: float = 0.5
+    ratio: float | tuple[float, ...] = 0.5
     layers: tuple[int, ...] = (7, 15, 23)
     spec: MethodSpec = method_spec("libra")
 
     def __post_init__(self):
-        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 <= self.ratio < 1:
-            raise ValueError(f"ratio must be a number in [0, 1), got {self.ratio!r}")
+        per_stage = isinstance(self.ratio, (tuple, list))
+        if per_stage:
+            ratios = tuple(self.ratio)
+            if not ratios or not all(_is_number(r) and 0 < r < 1 for r in ratios):
+                raise ValueError(f"a per-stage ratio must be a tuple of numbers in (0, 1), one per stage layer, got "
+                                 f"{self.ratio!r} (leave a layer out rather than give it 0)")
+            object.__setattr__(self, "ratio", ratios)
+        elif not _is_number(self.ratio) or not 0 <= self.ratio < 1:
+            raise ValueError(f"ratio must be a number in [0, 1), or a tuple of them, one per stage layer; got "
+                             f"{self.ratio!r}")
         if isinstance(self.layers, (int, str)) or not all(
             isinstance(i, int) and not isinstance(i, bool) for i in self.layers
         ):
@@ -33,6 +42,11 @@ class CompressionConfig:
         if any(i < 0 for i in layers) or list(layers) != sorted(set(layers)):
             raise ValueError(f"layers must be distinct, non-negative and ascending, got {layers!r}")
         object.__setattr__(self, "layers", () if is_vision_method(self.spec.name) else layers)
+        if per_stage and is_vision_method(self.spec.name):
+            raise ValueError(f"{self.spec.name} compresses once, before the decoder: give one ratio, not {self.ratio!r}")
+        if per_stage and len(self.ratio) != len(layers):
+            raise ValueError(f"ratio={self.ratio!r} gives {len(self.ratio)} stage(s) but layers={layers!r} has "
+                             f"{len(layers)}: give one ratio per stage layer")
 
     @classmethod
     def build(cls, ratio=0.5, layers=(7, 15, 23), method="libra", tau=None, eta=None) -> CompressionConfig:
@@ -69,13 +83,17 @@ class CompressionConfig:
     def method(self) -> str:
         return self.spec.name
 
+    def stage_ratio(self, stage: int) -> float:
+        """The ratio of the ``stage``-th stage (0-based, in ``layers`` order)."""
+        return self.ratio[stage] if isinstance(self.ratio, tuple) else self.ratio
+
     @property
     def active(self) -> bool:
         """``False`` when no stage runs (``ratio == 0`` or ``layers == ()``): the graph is left untouched."""
         m = self.spec.method
         if m.side == "vision":
             return m.adaptive or self.ratio > 0
-        return self.ratio > 0 and len(self.layers) > 0
+        return bool(self.layers) and self.stage_ratio(0) > 0
 
     def check_layers(self, num_layers: int) -> None:
         """``ValueError`` for a stage layer the model does not have (nothing to check when inactive)."""
@@ -89,3 +107,7 @@ class CompressionConfig:
     def describe(self) -> str:
         options = ", ".join(f"{k}={v!r}" for k, v in self.spec.items())
         return f"ratio={self.ratio}, layers={self.layers}, method={self.method!r}" + (f", {options}" if options else "")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -534,8 +534,9 @@ def _run(model, input_ids, pixel_values=None, attention_mask=None, *, method="li
     family = _family(model)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}")
-    if not 0 <= ratio < 1:
-        raise ValueError("ratio must be in [0, 1)")
+    ratios = tuple(ratio) if isinstance(ratio, (tuple, list)) else (ratio,) * len(layers)  # one per stage
+    if len(ratios) != len(layers) or not all(0 <= r < 1 for r in ratios):
+        raise ValueError("ratio must be in [0, 1), or one such ratio per layer")
     lm = model.model.language_model
     decoder_layers = list(lm.layers)
     layers = tuple(int(x) for x in layers)
@@ -543,7 +544,7 @@ def _run(model, input_ids, pixel_values=None, attention_mask=None, *, method="li
         raise ValueError("layers must be strictly increasing")
     if any(x < 0 or x >= len(decoder_layers) for x in layers):
         raise ValueError("layer index out of range")
-    stages = set(layers) if ratio > 0 else set()
+    stages = {layer: r for layer, r in zip(layers, ratios) if r > 0}
 
     B, T = input_ids.shape
     if attention_mask is None:
@@ -603,7 +604,7 @@ def _run(model, input_ids, pixel_values=None, attention_mask=None, *, method="li
                     trace.setdefault("alpha", []).append(alpha)
                 new_toks, new_rows = [], []
                 for b in range(B):
-                    nt, nr = _compress_sample(method, toks[b], alpha[b], h_out[b], ratio, tau, eta)
+                    nt, nr = _compress_sample(method, toks[b], alpha[b], h_out[b], stages[idx], tau, eta)
                     new_toks.append(nt)
                     new_rows.append(nr)
                 if len({len(r) for r in new_toks}) != 1:

@@ -16,8 +16,27 @@ from oracle import oracle_logits
 
 @pytest.mark.parametrize("ratio", [-0.1, 1.0, 1.5, "0.5", True, float("nan")])
 def test_ratio_outside_unit_interval(ratio):
-    with pytest.raises(ValueError, match=r"ratio must be a number in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"ratio must be a number in \[0, 1\), or a tuple of them"):
         libra_fx.backend(ratio=ratio)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(ratio=(0.5, 0.25), layers=(7,)), r"ratio=\(0.5, 0.25\) gives 2 stage\(s\) but layers=\(7,\) has 1: give one ratio per stage"),
+    (dict(ratio=(0.5, 0.0), layers=(1, 2)), r"a per-stage ratio must be a tuple of numbers in \(0, 1\).*leave a layer out"),
+    (dict(ratio=(0.5, 1.0), layers=(1, 2)), r"a per-stage ratio must be a tuple of numbers in \(0, 1\)"),
+    (dict(ratio=(), layers=()), r"a per-stage ratio must be a tuple of numbers in \(0, 1\)"),
+    (dict(ratio=(0.5,), method="prumerge_fixed"), r"prumerge_fixed compresses once, before the decoder: give one ratio"),
+])
+def test_a_wrong_per_stage_ratio_is_named(settings, message):
+    with pytest.raises(ValueError, match=message):
+        libra_fx.backend(**settings)
+
+
+def test_config_or_settings_not_both():
+    config = libra_fx.CompressionConfig(ratio=0.25, layers=(1,))
+    assert libra_fx.backend(config=config).config is config
+    with pytest.raises(ValueError, match="give either config= or ratio, layers, not both"):
+        libra_fx.backend(ratio=0.3, layers=(1,), config=config)
 
 
 def test_unknown_method_lists_the_valid_ones():

@@ -134,3 +134,21 @@ def test_two_adjacent_images_are_two_spans(method):
     if method == "fastv":  # 18 of each 36 kept (libra's compensation token depends on the merges)
         assert got.shape[1] == inputs["input_ids"].shape[1] - 36
     assert (got[:, -1] - want).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("method", ["libra", "fastv"])
+def test_a_ratio_per_stage_matches_oracle(models, traces, method):
+    """``ratio=(0.25, 0.75)`` with ``layers=(0, 2)``: each stage at its own ratio (the oracle's stages too);
+    a tuple of one ratio repeated is the scalar ratio, bit for bit."""
+    model = models[("sdpa", "gqa")]
+    inputs = tiny_llava_inputs(model, batch=2, seed=7)
+    cfg = dict(method=method, ratio=(0.25, 0.75), layers=(0, 2))
+    logits, be = traces[("sdpa", "gqa")](inputs, compiler="eager", **cfg)
+    assert be.last.compressed, be.last
+    counts = assert_matches_oracle(logits, model, inputs, 1e-5, **cfg)
+    compensation = int(method == "libra")
+    assert counts == [27 + compensation, 7 + 2 * compensation]  # 36 → round(36·0.75) = 27 → round(27·0.25) = 7
+    assert counts == libra_fx.visual_token_counts(36, (0.25, 0.75), 2, method)
+    same, _ = traces[("sdpa", "gqa")](inputs, compiler="eager", method=method, ratio=(0.5, 0.5), layers=(0, 2))
+    scalar, _ = traces[("sdpa", "gqa")](inputs, compiler="eager", method=method, ratio=0.5, layers=(0, 2))
+    assert torch.equal(same, scalar)

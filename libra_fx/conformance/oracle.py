@@ -46,7 +46,7 @@ from libra_fx.runtime import compat
 
 
 class HookOracle:
-    def __init__(self, model, method: str = "libra", ratio: float = 0.5, layers: tuple[int, ...] = (1,),
+    def __init__(self, model, method: str = "libra", ratio: float | tuple[float, ...] = 0.5, layers: tuple[int, ...] = (1,),
                  images: list | None = None, **options):
         self.model, self.ratio, self.stages, self.images = model, ratio, tuple(layers), images
         self.method, self.options = get_method(method), method_spec(method, **options).options
@@ -118,12 +118,16 @@ class HookOracle:
             hidden = output[0] if isinstance(output, tuple) else output
             if not self.prefill:
                 return None
-            new = self._compress_batch(hidden)
+            new = self._compress_batch(hidden, self._stage_ratio(index))
             return (new, *output[1:]) if isinstance(output, tuple) else new
 
         return hook
 
-    def _compress_batch(self, hidden: torch.Tensor) -> torch.Tensor:
+    def _stage_ratio(self, layer: int) -> float:
+        ratio = self.ratio
+        return ratio[self.stages.index(layer)] if isinstance(ratio, (tuple, list)) else ratio
+
+    def _compress_batch(self, hidden: torch.Tensor, ratio: float) -> torch.Tensor:
         """Per sample and span: its visual tokens compressed, each merged target at its target's place, the
         carried compensation tokens kept, the new ones right after the last of them (or after the span's
         last token); text where it was."""
@@ -137,7 +141,7 @@ class HookOracle:
                     members.setdefault(span, ([], []))[kind == "comp"].append(j)
             merged, new_comps, anchor = {}, {}, {}
             for span, (run, carried) in members.items():
-                replaced, targets = self._compress_span(hidden[b, run].float(), alpha[run])
+                replaced, targets = self._compress_span(hidden[b, run].float(), alpha[run], ratio)
                 nt = len(targets)
                 merged.update({run[t]: replaced[k] for k, t in enumerate(targets)})
                 new_comps[span] = replaced[nt:]
@@ -158,8 +162,8 @@ class HookOracle:
         self.seqs = seqs
         return torch.stack(rows)
 
-    def _compress_span(self, h: torch.Tensor, alpha: torch.Tensor):
-        nt = num_targets(h.shape[0], self.ratio)
+    def _compress_span(self, h: torch.Tensor, alpha: torch.Tensor, ratio: float):
+        nt = num_targets(h.shape[0], ratio)
         targets = self.method.selector(alpha[None], h[None], nt, self.options)
         return self.method.compressor(h[None], alpha[None], targets, self.options)[0], targets[0].tolist()
 

@@ -249,9 +249,10 @@ def is_vision_method(name: str) -> bool:
     return get_method(name).side == "vision"
 
 
-def visual_token_counts(n_visual: int, ratio: float, num_stages: int, method: str = "libra",
+def visual_token_counts(n_visual: int, ratio: float | tuple[float, ...], num_stages: int, method: str = "libra",
                         compensation: bool = True) -> list[int]:
-    """Visual tokens per span after each stage, compensation tokens included unless ``compensation=False``.
+    """Visual tokens per span after each stage, compensation tokens included unless ``compensation=False``;
+    ``ratio``: one for every stage, or one per stage.
 
     ``visual_token_counts(576, 0.5, 3)`` → ``[289, 146, 75]`` (288+1, 144+2, 72+3).
     """
@@ -259,7 +260,10 @@ def visual_token_counts(n_visual: int, ratio: float, num_stages: int, method: st
         raise ValueError(f"{method} compresses once, before the decoder: see libra_fx.reports.flops.kept_tokens")
     comp = int(get_method(method).compensation and compensation)
     counts, n = [], n_visual
+    ratios = tuple(ratio) if isinstance(ratio, (tuple, list)) else (ratio,) * num_stages
+    if len(ratios) != num_stages:
+        raise ValueError(f"{len(ratios)} ratios for {num_stages} stages")
     for stage in range(1, num_stages + 1):
-        n = selectors.num_targets(n, ratio)
+        n = selectors.num_targets(n, ratios[stage - 1])
         counts.append(n + comp * stage)
     return counts

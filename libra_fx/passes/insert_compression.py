@@ -40,7 +40,8 @@ def run(ctx: RewriteContext) -> PassResult:
                 kinds = call(graph, visual_span_mask, ctx.visual_mask)
             extra = dict(record=True) if ctx.record else {}
             node = call(graph, compress_visual_tokens, stage.layer_output, stage.importance, kinds,
-                        span_lens=stage.span_lens, carried=i * compensation, method=cfg.method, ratio=cfg.ratio,
+                        span_lens=stage.span_lens, carried=i * compensation, method=cfg.method,
+                        ratio=cfg.stage_ratio(i),
                         options=cfg.spec.items(), **extra)
             stage.hidden, stage.kinds, stage.source = (call(graph, operator.getitem, node, j) for j in range(3))
             stage.new_len = call(graph, torch.ops.aten.sym_size.int, stage.hidden, 1)
@@ -51,7 +52,7 @@ def run(ctx: RewriteContext) -> PassResult:
         sizes = [value(n) if isinstance(n, torch.fx.Node) else n for n in stage.span_lens[0]]
         result.matched.append(
             f"layer {stage.layer}: {cfg.method} "
-            + ", ".join(f"{n} → {num_targets(n, cfg.ratio)}" for n in sizes)
+            + ", ".join(f"{n} → {num_targets(n, cfg.stage_ratio(i))}" for n in sizes)
             + (f" (+ {i + 1} compensation)" if compensation else "")
             + " tokens per span"
         )

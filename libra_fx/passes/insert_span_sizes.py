@@ -127,7 +127,8 @@ def run(ctx: RewriteContext) -> PassResult:
     memo: dict = {}
     for i, stage in enumerate(ctx.stages):
         if i:  # the spans entering this stage: the previous stage's targets
-            span_lens = tuple(tuple(_num_targets(graph, n, ctx.config.ratio, memo) for n in row) for row in span_lens)
+            ratio = ctx.config.stage_ratio(i - 1)
+            span_lens = tuple(tuple(_num_targets(graph, n, ratio, memo) for n in row) for row in span_lens)
         stage.span_lens = span_lens
         result.matched.append(f"stage after layer {stage.layer}: span(s) of {show(span_lens)} tokens")
     result.count("spans", len(ctx.span_lens[0]))  # images and videos per sample

@@ -71,7 +71,7 @@ def layer_flops(n: int, d: int, m: int) -> int:
     return 4 * n * d * d + 2 * n * n * d + 3 * n * d * m
 
 
-def visual_tokens_per_layer(shape: DecoderShape, method: str = "libra", ratio: float = 0.0,
+def visual_tokens_per_layer(shape: DecoderShape, method: str = "libra", ratio: float | tuple[float, ...] = 0.0,
                             layers: tuple[int, ...] = (), compensation: bool = True,
                             kept: int | None = None) -> list[int]:
     """Visual tokens each decoder layer sees; ``compensation=False`` leaves compensation tokens out.
@@ -81,8 +81,10 @@ def visual_tokens_per_layer(shape: DecoderShape, method: str = "libra", ratio: f
     """
     if is_vision_method(method):
         return [kept_tokens(method, shape.visual_tokens, ratio, kept)] * shape.num_hidden_layers
-    stages = sorted(layer for layer in layers if layer < shape.num_hidden_layers) if ratio > 0 else []
-    after = visual_token_counts(shape.visual_tokens, ratio, len(stages), method, compensation)
+    ratios = tuple(ratio) if isinstance(ratio, (tuple, list)) else (ratio,) * len(layers)  # one per stage layer
+    staged = sorted((layer, r) for layer, r in zip(layers, ratios) if layer < shape.num_hidden_layers and r > 0)
+    stages = [layer for layer, _ in staged]
+    after = visual_token_counts(shape.visual_tokens, tuple(r for _, r in staged), len(stages), method, compensation)
     return [([shape.visual_tokens] + after)[sum(layer > s for s in stages)] for layer in range(shape.num_hidden_layers)]
 
 
