@@ -48,6 +48,7 @@ class ReusedTrace:
     """
 
     def __init__(self, model, fullgraph: bool = True):
+        torch._dynamo.reset()  # as compile_and_run: a code object left past the recompile limit would run eagerly
         self.graph = self.example_inputs = self.backend = self.run = None
 
         def capture(gm, example_inputs):

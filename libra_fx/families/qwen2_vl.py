@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from libra_fx.families.base import FamilyAdapter, FamilyFixture, _pixels
-from libra_fx.runtime.compat import kv_cache
+from libra_fx.runtime.compat import kv_cache, tower_outside_graph
 
 
 _QWEN_MARKERS = ("vision_start_token_id", "vision_end_token_id")
@@ -17,6 +17,10 @@ _QWEN_MARKERS = ("vision_start_token_id", "vision_end_token_id")
 @dataclass(frozen=True)
 class MRopeAdapter(FamilyAdapter):
     """3-row (M-RoPE) position ids, computed before the compiled forward."""
+
+    def install_shims(self, model) -> None:
+        super().install_shims(model)
+        tower_outside_graph(model)  # transformers 5.17: as 5.18+ generate() runs the tower
 
     def prepare_forward(self, model, kwargs: dict) -> dict:
         """Qwen2-VL works out its 3-D (M-RoPE) position ids inside ``forward`` with data-dependent

@@ -24,8 +24,8 @@ from types import MappingProxyType
 from typing import Callable, ClassVar, Mapping, Union
 
 from libra_fx.methods import compressors, selectors
-from libra_fx.methods.vision import POSITIONS, VisionMethod, VisionOptions  # noqa: F401 (POSITIONS: re-exported)
-from libra_fx.methods.vision.prumerge import PruMerge, PruMergeFixed, PruMergeOptions, PruMergePlus  # noqa: F401
+from libra_fx.methods.vision import VisionMethod, VisionOptions
+from libra_fx.methods.vision.prumerge import PruMerge, PruMergeFixed, PruMergePlus
 
 
 @dataclass(frozen=True)

@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import types
 import warnings
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+import transformers
+from packaging.version import Version
 from torch._logging import trace_structured
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
@@ -50,6 +53,50 @@ def prompt_tokens(args: tuple, kwargs: dict):
     ``inputs_embeds`` (``None`` when there is neither)."""
     ids = kwargs.get("input_ids", args[0] if args else None)
     return ids if ids is not None else kwargs.get("inputs_embeds")
+
+
+TRANSFORMERS = Version(transformers.__version__).release[:2]  # (major, minor)
+
+
+def takes_encoder_outputs(model) -> bool:
+    """Whether ``model.forward`` takes the vision tower's outputs computed before it (``mm_encoder_outputs``,
+    transformers ≥ 5.18: ``generate()`` then runs the tower before the first forward). In 5.17 there is no such
+    argument (forward's ``**kwargs`` swallow it unused): the tower runs inside forward, with graph breaks around it."""
+    return "mm_encoder_outputs" in inspect.signature(model.forward).parameters
+
+
+def skips_causal_mask_when_compiled() -> bool:
+    """Whether transformers leaves out the SDPA mask of an unpadded prompt under ``torch.compile`` (no
+    ``attn_mask``, ``is_causal=True``): transformers ≥ 5.18. 5.17 builds the ``[B, 1, T, T]`` mask whenever
+    Dynamo traces (``masking_utils._ignore_causal_mask_sdpa``)."""
+    return TRANSFORMERS >= (5, 18)
+
+
+def reshapes_sdpa_output() -> bool:
+    """Whether transformers' SDPA attention ends in ``attn_output.reshape(B, -1, q_len, head_dim)`` (5.23+, the
+    undo of its ``pack_gqa``); before 5.23 the output goes straight to the transpose."""
+    return TRANSFORMERS >= (5, 23)
+
+
+def unpads_image_features_by_data(model_type: str) -> bool:
+    """Whether the family's ``get_image_features`` cuts each image's features with data-dependent sizes
+    (a per-image loop over ``pixel_attention_mask`` sums and ``spatial_shapes``), so that each image of a
+    batch has sizes of its own unbacked symbols: LFM2-VL before transformers 5.24."""
+    return model_type == "lfm2_vl" and TRANSFORMERS < (5, 24)
+
+
+def tower_outside_graph(model) -> None:
+    """Run ``model.model``'s ``get_image_features`` / ``get_video_features`` outside Dynamo where ``forward``
+    takes no ``mm_encoder_outputs`` (transformers 5.17), as 5.18+ ``generate()`` runs them before the first
+    forward. Traced, their ``torch.split(…, sizes.tolist())`` pieces cross the tower's graph breaks into the
+    decoder's graph with a size symbol each (under Inductor), which the ragged-batch layout then mixes
+    (``Min(s1 …, s38 …)``) and torch 2.13's Inductor cannot bound (``Exponent must be non-negative``)."""
+    if takes_encoder_outputs(model):
+        return
+    inner = model.model
+    for name in ("get_image_features", "get_video_features"):
+        if hasattr(inner, name) and name not in vars(inner):
+            setattr(inner, name, torch.compiler.disable(getattr(inner, name), recursive=True))
 
 
 def past_window(cache, new_tokens: int) -> int | None:

@@ -261,7 +261,7 @@ def check_cache(cache) -> None:
 def signature_for_generate(forward) -> inspect.Signature:
     """``forward``'s signature without ``mm_encoder_outputs``.
 
-    transformers ≥ 5.2x ``generate()`` runs the vision tower *before* the first forward (and passes
+    transformers ≥ 5.18 ``generate()`` runs the vision tower *before* the first forward (and passes
     ``mm_encoder_outputs``) when forward accepts that argument; the vision-side methods need the
     tower inside the compiled graph, so ``libra_fx.compile`` hides it and ``pixel_values`` reach forward.
     """

@@ -39,6 +39,7 @@ from passkit import capture_graph, make_ctx, qwen_inputs, run_until, visual_grap
 
 from libra_fx import testing  # noqa: E402
 from libra_fx.families import QWEN2_VL  # noqa: E402
+from libra_fx.runtime import compat  # noqa: E402
 
 __all__ = ["make_ctx", "run_until"]  # the helpers, re-exported (the tests import them from passkit)
 
@@ -81,7 +82,8 @@ def qwen_graphs(qwen_model):
     """B=2 (sample 1 left-padded): an 8×8 patch grid per image (16 tokens), then 8×12 (24 tokens)
     through the same compiled forward: a static graph, then the recompiled one with symbolic sizes."""
     graphs = visual_graphs(qwen_model, qwen_inputs(qwen_model, batch=2, pad=(0, 2)),
-                           qwen_inputs(qwen_model, batch=2, pad=(0, 2), grid=(8, 12), seed=1))
+                           qwen_inputs(qwen_model, batch=2, pad=(0, 2), grid=(8, 12), seed=1),
+                           fullgraph=compat.takes_encoder_outputs(qwen_model))
     assert len(graphs) == 2
     return graphs
 
@@ -95,7 +97,8 @@ def qwen_graph(qwen_graphs):
 def qwen_dynamic_graph(qwen_model):
     """B=1: two image sizes in a row; the recompiled graph has a symbolic image size and length."""
     static, dynamic = visual_graphs(qwen_model, qwen_inputs(qwen_model, batch=1),
-                                    qwen_inputs(qwen_model, batch=1, grid=(8, 12), seed=1))
+                                    qwen_inputs(qwen_model, batch=1, grid=(8, 12), seed=1),
+                                    fullgraph=compat.takes_encoder_outputs(qwen_model))
     return dynamic
 
 
@@ -137,6 +140,8 @@ def qwen3_vl_graph():
     model = tiny_model(QWEN3_VL)
     QWEN3_VL.install_shims(model)  # the DeepStack injections without a graph break, as libra_fx.compile does
     inputs = QWEN3_VL.prepare_forward(model, example_inputs(model, QWEN3_VL, 1))
+    if not compat.takes_encoder_outputs(model):  # transformers 5.17: the tower inside forward (graph breaks)
+        return capture_graph(model, inputs, fullgraph=False)
     with torch.no_grad():
         features = model.model.get_image_features(inputs.pop("pixel_values"), inputs["image_grid_thw"],
                                                   return_dict=True)

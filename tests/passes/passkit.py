@@ -20,6 +20,7 @@ from libra_fx.config import CompressionConfig
 from libra_fx.families import QWEN2_VL
 from libra_fx.passes import PIPELINE, fx_utils, run_pipeline
 from libra_fx.passes.context import PassResult, RewriteContext
+from libra_fx.runtime import compat
 
 PASS_NAMES = tuple(p.name for p in PIPELINE)
 SIDE_OUTPUTS = "libra_fx_side_outputs"
@@ -54,10 +55,14 @@ def visual_graphs(model, *inputs: dict, fullgraph: bool = True, dynamic=None) ->
 
 
 def qwen_inputs(model, **kw):
-    """A Qwen2-VL prefill as ``generate()`` (transformers 5) runs it: the 3-D (M-RoPE) position ids
-    and the vision tower's features computed before forward (``mm_encoder_outputs``), so that the
-    forward is one graph (its pixel path breaks the graph around the tower)."""
+    """A Qwen2-VL prefill as ``generate()`` runs it: the 3-D (M-RoPE) position ids computed before
+    forward and, where forward takes them (transformers ≥ 5.18), the vision tower's features too
+    (``mm_encoder_outputs``), so that the forward is one graph. transformers 5.17 runs the tower inside
+    forward, whose pixel path breaks the graph around it: capture with ``fullgraph=False`` (the graph
+    that holds the ``masked_scatter`` is then the decoder's, as in 5.17's ``generate``)."""
     inputs = QWEN2_VL.prepare_forward(model, testing.tiny_qwen2_vl_inputs(model, **kw))
+    if not compat.takes_encoder_outputs(model):
+        return inputs
     with torch.no_grad():
         features = model.model.get_image_features(inputs.pop("pixel_values"), inputs["image_grid_thw"],
                                                   return_dict=True)

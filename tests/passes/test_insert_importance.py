@@ -8,6 +8,7 @@ from libra_fx.errors import UnsupportedGraph
 from libra_fx.methods.importance import last_row_importance
 from libra_fx.passes import fx_utils, insert_importance
 from libra_fx.passes.matchers import AttentionKind
+from libra_fx.runtime import compat
 
 
 def importance(gm, **config):
@@ -41,6 +42,8 @@ def test_sdpa_matched_and_kernel_kept(llava_graph):
     assert result.counts == {"stages": 2, "attention_rows": 2, "sdpa_attention": 2, "inserted": 2}
 
 
+@pytest.mark.skipif(not compat.skips_causal_mask_when_compiled(), reason="transformers < 5.18 builds the causal "
+                    "mask whenever Dynamo traces: no mask-less is_causal SDPA in a captured graph")
 def test_sdpa_without_mask_is_causal(llava_two_images):
     ctx, result, _ = importance(llava_two_images, layers=(1,))
     site = ctx.stages[0].attention
