@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from libra_fx.methods.registry import MethodSpec, is_vision_method, method as method_spec
+from libra_fx.methods.selectors import per_stage
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ class CompressionConfig:
 
     def stage_ratio(self, stage: int) -> float:
         """The ratio of the ``stage``-th stage (0-based, in ``layers`` order)."""
-        return self.ratio[stage] if isinstance(self.ratio, tuple) else self.ratio
+        return per_stage(self.ratio, len(self.layers))[stage]
 
     @property
     def active(self) -> bool:

@@ -41,7 +41,7 @@ import torch
 
 from libra_fx import families
 from libra_fx.methods import get_method, method as method_spec
-from libra_fx.methods.selectors import num_targets
+from libra_fx.methods.selectors import num_targets, per_stage
 from libra_fx.runtime import compat
 
 
@@ -124,8 +124,7 @@ class HookOracle:
         return hook
 
     def _stage_ratio(self, layer: int) -> float:
-        ratio = self.ratio
-        return ratio[self.stages.index(layer)] if isinstance(ratio, (tuple, list)) else ratio
+        return per_stage(self.ratio, len(self.stages))[self.stages.index(layer)]
 
     def _compress_batch(self, hidden: torch.Tensor, ratio: float) -> torch.Tensor:
         """Per sample and span: its visual tokens compressed, each merged target at its target's place, the

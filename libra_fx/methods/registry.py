@@ -260,9 +260,7 @@ def visual_token_counts(n_visual: int, ratio: float | tuple[float, ...], num_sta
         raise ValueError(f"{method} compresses once, before the decoder: see libra_fx.reports.flops.kept_tokens")
     comp = int(get_method(method).compensation and compensation)
     counts, n = [], n_visual
-    ratios = tuple(ratio) if isinstance(ratio, (tuple, list)) else (ratio,) * num_stages
-    if len(ratios) != num_stages:
-        raise ValueError(f"{len(ratios)} ratios for {num_stages} stages")
+    ratios = selectors.per_stage(ratio, num_stages)
     for stage in range(1, num_stages + 1):
         n = selectors.num_targets(n, ratios[stage - 1])
         counts.append(n + comp * stage)

@@ -11,6 +11,15 @@ from fractions import Fraction
 import torch
 
 
+def per_stage(ratio, stages: int) -> tuple:
+    """``ratio`` as one ratio per stage: a tuple of ``stages`` ratios as given, or one ratio repeated
+    (``ValueError`` for a tuple of another length)."""
+    ratios = tuple(ratio) if isinstance(ratio, (tuple, list)) else (ratio,) * stages
+    if len(ratios) != stages:
+        raise ValueError(f"{len(ratios)} ratios for {stages} stages")
+    return ratios
+
+
 def num_targets(n, ratio: float):
     """``Nt = clamp(round(N·(1−R)), 1, N)``; ``round`` is half-up (``2.5 → 3``).
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from importlib import resources
 
 from libra_fx.methods import get_method, is_vision_method, visual_token_counts
+from libra_fx.methods.selectors import per_stage
 
 PRESETS = ("llava-1.5-7b", "llava-1.5-13b", "llava-next-8b", "gemma3-4b", "qwen3-vl-8b")
 
@@ -81,7 +82,7 @@ def visual_tokens_per_layer(shape: DecoderShape, method: str = "libra", ratio: f
     """
     if is_vision_method(method):
         return [kept_tokens(method, shape.visual_tokens, ratio, kept)] * shape.num_hidden_layers
-    ratios = tuple(ratio) if isinstance(ratio, (tuple, list)) else (ratio,) * len(layers)  # one per stage layer
+    ratios = per_stage(ratio, len(layers))
     staged = sorted((layer, r) for layer, r in zip(layers, ratios) if layer < shape.num_hidden_layers and r > 0)
     stages = [layer for layer, _ in staged]
     after = visual_token_counts(shape.visual_tokens, tuple(r for _, r in staged), len(stages), method, compensation)

@@ -164,6 +164,12 @@ def is_registered_attention(name: str) -> bool:
     return name in AttentionInterface._global_mapping
 
 
+def is_shared_attention(name: str, fn) -> bool:
+    """Whether ``fn`` is what transformers' global registry holds under ``name``: the one function every
+    model of that implementation calls (``"eager"`` is never there: each modeling file has its own)."""
+    return AttentionInterface._global_mapping.get(name) is fn
+
+
 # --------------------------------------------------------------------------------------------------
 # transformers: family internals a family adapter shims per model instance
 # --------------------------------------------------------------------------------------------------

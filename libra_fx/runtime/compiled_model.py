@@ -221,8 +221,8 @@ class CompiledModel:
         candidate tokens is told apart (:meth:`fallback_reason`)."""
         @functools.wraps(generate)
         def wrapper(*args, **kwargs):
-            prompt = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
-            prompt = prompt if prompt is not None else kwargs.get("inputs_embeds")
+            prompt = kwargs.get("inputs")  # generate()'s own name for it, else as forward takes it
+            prompt = prompt if prompt is not None else prompt_tokens(args, kwargs)
             with self._generating(None if prompt is None else prompt.shape[1]):
                 return generate(*args, **kwargs)
 

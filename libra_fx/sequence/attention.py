@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import torch
 
-from libra_fx.runtime.compat import attention_function, attn_implementation, is_registered_attention, register_attention
+from libra_fx.runtime.compat import (attention_function, attn_implementation, is_registered_attention,
+                                     is_shared_attention, register_attention)
 
 PREFIX = "libra|"
 
@@ -76,15 +77,16 @@ def use_libra_attention(model) -> str:
     attention modules call; returns the implementation it wraps (``"sdpa"``, ``"eager"``, …).
 
     transformers' attention registry is process-wide, so each wrapped *function* has its own name:
-    ``libra|sdpa`` wraps the shared SDPA function, ``libra|eager|<modeling module>`` the eager function of
-    that modeling file (Gemma's soft-caps its scores, Llama's does not). Two models of two families in
-    one process then never call each other's function."""
+    ``libra|sdpa`` wraps the function transformers registers for every model, ``libra|<name>|<modeling
+    module>`` one of a modeling file's own (its ``eager_attention_forward``: Gemma's soft-caps its scores,
+    Llama's does not; or a local override in its registry). Two models of two families in one process
+    then never call each other's function."""
     text_config = model.config.get_text_config()
     current = attn_implementation(text_config)
     if current.startswith(PREFIX):
         return current.removeprefix(PREFIX).split("|")[0]
     forward = attention_function(_decoder_attention(model), current)
-    name = PREFIX + current + (f"|{forward.__module__}" if current == "eager" else "")
+    name = PREFIX + current + ("" if is_shared_attention(current, forward) else f"|{forward.__module__}")
     if not is_registered_attention(name):
         register_attention(name, _wrap(forward), mask_like=current)
     nested = text_config is not model.config  # a VLM: only its language model switches
